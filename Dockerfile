@@ -1,0 +1,35 @@
+# payment-api: the mock payment service used in the Grafana training stack.
+# Build:  docker build -t payment-api .
+# Run:    docker run --rm -p 8081:8080 payment-api
+# Every setting is an environment variable; see payment_api.py's docstring.
+
+FROM python:3.12-slim
+
+# Unbuffered output so logs reach `docker logs` at once; no .pyc files, since
+# the non-root user cannot write to /app anyway.
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOST=0.0.0.0 \
+    PORT=8080
+
+WORKDIR /app
+
+# Dependencies first, so editing payment_api.py does not re-run pip.
+# Both dependencies ship pure-Python wheels: no compiler is installed, none is left behind.
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+
+COPY payment_api.py .
+
+# A numeric UID needs no /etc/passwd entry and lets Kubernetes' runAsNonRoot verify it.
+USER 10001
+
+EXPOSE 8080
+
+# Standard library only: the slim image has neither curl nor wget.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=2)"]
+
+# Exec form: python is PID 1 and receives SIGTERM from `docker stop` directly.
+CMD ["python", "payment_api.py"]

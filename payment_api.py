@@ -1,0 +1,1301 @@
+"""payment-api: a mock payment service that gives Prometheus, InfluxDB and Grafana classes live telemetry.
+
+Run it with `python payment_api.py` (settings: `python payment_api.py --help`, or the README).
+A built-in simulator makes payments from the first second; every payment, simulated or sent to
+`POST /api/payments`, is counted in the Prometheus metrics at `/metrics` and written to InfluxDB 2.
+"""
+import argparse
+import dataclasses
+import gzip
+import heapq
+import hmac
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector,
+                               ProcessCollector)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.registry import Collector
+
+try:  # optional extra: without it the service runs with InfluxDB export off
+    from influxdb_client import InfluxDBClient, Point, WritePrecision
+    from influxdb_client.client.write_api import WriteOptions
+    from reactivex.scheduler import EventLoopScheduler
+except ImportError:
+    InfluxDBClient = None
+
+VERSION = "1.0.0"
+log = logging.getLogger("payment_api")
+
+# ---------------------------------------------------------------- settings
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot use; the message names the variable."""
+
+
+def parse_port(text):
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return port
+
+
+def parse_positive_int(text):
+    number = int(text)
+    if number < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return number
+
+
+def parse_non_negative(text):
+    number = float(text)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("must be a number of at least 0")
+    return number
+
+
+def parse_probability(text):
+    number = float(text)
+    if not 0 <= number <= 1:
+        raise ValueError("must be a probability from 0 to 1 (0.03 means 3 %)")
+    return number
+
+
+def parse_bool(text):
+    words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+    if text.strip().lower() not in words:
+        raise ValueError("must be true or false")
+    return words[text.strip().lower()]
+
+
+def parse_optional_int(text):
+    return int(text) if text.strip() else None
+
+
+def parse_currencies(text):
+    codes = tuple(code.strip().upper() for code in text.split(",") if code.strip())
+    if not codes or any(not re.fullmatch(r"[A-Z]{3}", code) for code in codes) or len(set(codes)) < len(codes):
+        raise ValueError("must be distinct three-letter currency codes separated by commas, e.g. USD,EUR,GBP")
+    return codes
+
+
+def one_of(*choices):
+    def parse(text):
+        if text.strip().lower() not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return text.strip().lower()
+    return parse
+
+
+def setting(default, env, help, parse=str, aliases=(), lenient=False, secret=False):
+    """A settings field: read from `env` (or an older alias), or from the CLI flag named after the field."""
+    return field(default=default, repr=not secret,
+                 metadata={"env": env, "help": help, "parse": parse, "aliases": aliases, "lenient": lenient})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service, read once at start-up from the environment and the command line."""
+    host: str = setting("0.0.0.0", "HOST", "address to listen on")
+    port: int = setting(8080, "PORT", "TCP port to listen on (0 picks a free one)", parse_port,
+                        aliases=("PAYMENT_API_PORT",))
+    log_format: str = setting("json", "LOG_FORMAT", "json (one JSON object a line) or text", one_of("json", "text"))
+    log_level: str = setting("info", "LOG_LEVEL", "debug also logs /health and /metrics requests",
+                             one_of("debug", "info", "warning", "error"))
+    currencies: tuple = setting(("USD", "EUR", "GBP"), "CURRENCIES", "accepted currencies, comma-separated",
+                                parse_currencies)
+    store_size: int = setting(10_000, "STORE_SIZE", "how many recent payments GET /api/payments/{id} can find",
+                              parse_positive_int)
+    failure_rate: float = setting(0.03, "PAYMENT_FAILURE_RATE", "probability that a payment fails with HTTP 500",
+                                  parse_probability)
+    latency_scale: float = setting(1.0, "PAYMENT_LATENCY_SCALE",
+                                   "multiplies simulated processing time (0 = no delay, for load tests)",
+                                   parse_non_negative)
+    simulation_enabled: bool = setting(True, "ENABLE_SIMULATION", "run the built-in traffic simulator", parse_bool)
+    simulation_rate: float = setting(5.0, "SIMULATION_RATE", "simulated payments per second (0 = off)",
+                                     parse_non_negative, aliases=("PAYMENT_SIMULATION_RATE",))
+    simulation_profile: str = setting("steady", "SIMULATION_PROFILE", "traffic shape: steady, diurnal or bursty",
+                                      one_of("steady", "diurnal", "bursty"))
+    simulation_period: float = setting(3600.0, "SIMULATION_PERIOD", "length in seconds of one diurnal 'day'",
+                                       parse_non_negative)
+    simulation_seed: int = setting(None, "SIMULATION_SEED", "makes simulated payments reproducible (empty = random)",
+                                   parse_optional_int)
+    scenario_schedule: tuple = setting((), "SCENARIO_SCHEDULE",
+                                       "incidents to run unattended, e.g. error_spike@2m+5m,random@10m+3m/20m",
+                                       lambda text: parse_schedule(text))
+    admin_token: str = setting("", "ADMIN_TOKEN", "when set, changing scenarios or the simulator needs "
+                               "'Authorization: Bearer <token>'", secret=True)
+    shutdown_timeout: float = setting(8.0, "SHUTDOWN_TIMEOUT", "seconds to finish requests and InfluxDB writes on stop",
+                                      parse_non_negative)
+    influxdb_url: str = setting("http://influxdb:8086", "INFLUXDB_URL", "InfluxDB 2 URL (empty = export off)")
+    influxdb_token: str = setting("training-token-change-me", "INFLUXDB_TOKEN", "InfluxDB API token", secret=True)
+    influxdb_org: str = setting("data2ai", "INFLUXDB_ORG", "InfluxDB organization")
+    influxdb_bucket: str = setting("training", "INFLUXDB_BUCKET", "InfluxDB bucket")
+    influxdb_batch_size: int = setting(500, "INFLUXDB_BATCH_SIZE", "points per write", parse_positive_int,
+                                       lenient=True)
+    influxdb_flush_interval_ms: int = setting(1000, "INFLUXDB_FLUSH_INTERVAL_MS", "longest wait before a write",
+                                              parse_positive_int, lenient=True)
+    influxdb_buffer_size: int = setting(50_000, "INFLUXDB_BUFFER_SIZE",
+                                        "points kept while InfluxDB is unreachable; more are dropped and counted",
+                                        parse_positive_int, lenient=True)
+    warnings: tuple = field(default=(), compare=False)
+
+    @classmethod
+    def load(cls, argv=(), environ=os.environ):
+        """Settings from CLI flags, then environment variables, then defaults; SettingsError names a bad one."""
+        parser = argparse.ArgumentParser(prog="payment_api.py", description=__doc__.splitlines()[0])
+        for spec in dataclasses.fields(cls):
+            if "env" in spec.metadata:
+                shown = "" if spec.metadata["env"].endswith("TOKEN") else f", default {format_setting(spec.default)}"
+                parser.add_argument("--" + spec.name.replace("_", "-"), metavar=spec.metadata["env"],
+                                    help=f"{spec.metadata['help']} (env {spec.metadata['env']}{shown})")
+        flags = vars(parser.parse_args(list(argv)))
+        values, warnings = {}, []
+        for spec in dataclasses.fields(cls):
+            if "env" not in spec.metadata:
+                continue
+            names = (spec.metadata["env"],) + spec.metadata["aliases"]
+            text = flags[spec.name]
+            name = "--" + spec.name.replace("_", "-")
+            if text is None:
+                name, text = next(((n, environ[n]) for n in names if n in environ), (None, None))
+            if text is None:
+                continue
+            try:
+                values[spec.name] = spec.metadata["parse"](text)
+            except ValueError as error:
+                message = f"{name}={text!r}: {error}"
+                if not spec.metadata["lenient"]:
+                    raise SettingsError(message) from None
+                warnings.append(f"{message}; using the default {spec.default}")
+        return cls(**values, warnings=tuple(warnings))
+
+
+def format_setting(value):
+    return ",".join(value) if isinstance(value, tuple) else value
+
+# ---------------------------------------------------------------- payments and request validation
+
+
+PAYMENT_TYPES = ("standard", "express", "recurring")
+INVALID = "invalid"  # the one label value that stands for anything a client invents
+MAX_AMOUNT = Decimal("1000000")
+CUSTOMER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CUSTOMER_POOL = 1000
+MAX_BODY_BYTES = 64 * 1024
+
+
+class ClientError(Exception):
+    """A mistake in a request: answered with `status` and a JSON body, never a traceback."""
+    status = 400
+
+    def __init__(self, message, **details):
+        super().__init__(message)
+        self.body = {"error": message, **details}
+        self.headers = {}
+
+
+class InvalidField(ClientError):
+    def __init__(self, field_name, message):
+        super().__init__(message, field=field_name)
+
+
+class MalformedBody(ClientError):
+    pass
+
+
+class Unauthorized(ClientError):
+    status = 401
+
+
+class NotFound(ClientError):
+    status = 404
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+
+
+class LengthRequired(ClientError):
+    status = 411
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+
+
+def reject_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(body):
+    """A JSON document with floats as exact Decimals; NaN, Infinity and unparsable input are MalformedBody."""
+    try:
+        return json.loads(body, parse_float=Decimal, parse_constant=reject_constant)
+    except (ValueError, RecursionError):
+        raise MalformedBody("body is not valid JSON") from None
+
+
+@dataclass(frozen=True)
+class PaymentRequest:
+    amount: Decimal
+    currency: str
+    type: str
+    customer_id: str
+
+
+def validate_payment(document, currencies, rng):
+    """The PaymentRequest a JSON body asks for, or InvalidField naming the first field that is wrong."""
+    if not isinstance(document, dict):
+        raise MalformedBody("body must be a JSON object")
+    amount = document.get("amount")
+    if amount is None:
+        raise InvalidField("amount", "amount is required")
+    if isinstance(amount, bool) or not isinstance(amount, (int, Decimal)):
+        raise InvalidField("amount", "amount must be a JSON number")
+    amount = Decimal(amount)
+    if not 0 < amount <= MAX_AMOUNT:
+        raise InvalidField("amount", f"amount must be greater than 0 and at most {MAX_AMOUNT}")
+    if amount != amount.quantize(Decimal("0.01")):
+        raise InvalidField("amount", "amount must have at most 2 decimals")
+    currency = document.get("currency", "USD")
+    if not isinstance(currency, str) or currency.upper() not in currencies:
+        raise InvalidField("currency", "currency must be one of " + ", ".join(currencies))
+    payment_type = document.get("type", "standard")
+    if not isinstance(payment_type, str) or payment_type.lower() not in PAYMENT_TYPES:
+        raise InvalidField("type", "type must be one of " + ", ".join(PAYMENT_TYPES))
+    customer_id = document.get("customerId")
+    if customer_id is None:
+        customer_id = f"cust_{rng.randrange(1, CUSTOMER_POOL + 1):05d}"
+    elif not isinstance(customer_id, str) or not CUSTOMER_ID.fullmatch(customer_id):
+        raise InvalidField("customerId", "customerId must be 1-64 characters of A-Z, a-z, 0-9, _ and -")
+    return PaymentRequest(amount.quantize(Decimal("0.01")), currency.upper(), payment_type.lower(), customer_id)
+
+
+def label_values(document, currencies):
+    """(type, currency) label values for a request: what it named if valid, else INVALID; never a new value."""
+    if not isinstance(document, dict):
+        return INVALID, INVALID
+    payment_type, currency = document.get("type", "standard"), document.get("currency", "USD")
+    payment_type = payment_type.lower() if isinstance(payment_type, str) else None
+    currency = currency.upper() if isinstance(currency, str) else None
+    return (payment_type if payment_type in PAYMENT_TYPES else INVALID,
+            currency if currency in currencies else INVALID)
+
+
+@dataclass
+class Payment:
+    """One payment from arrival to completion; the store, the metrics and InfluxDB all see this object."""
+    payment_id: str
+    request: PaymentRequest
+    source: str  # "api" or "simulator"
+    created_at: float
+    processing_time: float
+    http_status: int  # 200 completed, 500 failed, 503 service unavailable (outage)
+    completed_at: float = None
+
+    @property
+    def succeeded(self):
+        return self.http_status == 200
+
+    def to_json(self):
+        body = {"success": self.succeeded, "paymentId": self.payment_id,
+                "status": "completed" if self.succeeded else "failed",
+                "amount": float(self.request.amount), "currency": self.request.currency,
+                "type": self.request.type, "customerId": self.request.customer_id,
+                "timestamp": iso_utc(self.completed_at or self.created_at),
+                "processingTime": round(self.processing_time, 4), "source": self.source}
+        if not self.succeeded:
+            body["error"] = "Payment processing failed" if self.http_status == 500 else "Payment service unavailable"
+        return body
+
+
+def iso_utc(epoch_seconds):
+    return datetime.fromtimestamp(epoch_seconds, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+class PaymentStore:
+    """The most recent payments by id, up to a fixed count, so memory stays flat however long it runs."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self._payments = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, payment):
+        with self._lock:
+            self._payments[payment.payment_id] = payment
+            if len(self._payments) > self.capacity:
+                self._payments.popitem(last=False)
+
+    def get(self, payment_id):
+        with self._lock:
+            return self._payments.get(payment_id)
+
+    def recent(self, limit):
+        with self._lock:
+            newest_first = reversed(self._payments.values())
+            return [payment for payment, _ in zip(newest_first, range(limit))]
+
+
+class PaymentStats:
+    """Totals since start, today's revenue (UTC day) and the recent failure rate, for /stats and the gauges."""
+    WINDOW_SECONDS = 60
+
+    def __init__(self, currencies, clock):
+        self.currencies = currencies
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.started_at = clock()
+        self._counts = {"succeeded": 0, "failed": 0, "rejected": 0}
+        self._revenue_total = dict.fromkeys(currencies, Decimal(0))
+        self._day, self._daily_revenue = None, {}
+        self._recent = deque()  # [second, processed, failed], oldest first
+        self.active = 0
+
+    def record_start(self):
+        with self._lock:
+            self.active += 1
+
+    def record(self, payment):
+        with self._lock:
+            self.active -= 1
+            self._counts["succeeded" if payment.succeeded else "failed"] += 1
+            if payment.succeeded:
+                self._roll_day(payment.completed_at)
+                self._daily_revenue[payment.request.currency] += payment.request.amount
+                self._revenue_total[payment.request.currency] += payment.request.amount
+            second = int(payment.completed_at)
+            if not self._recent or self._recent[-1][0] != second:
+                self._recent.append([second, 0, 0])
+            self._recent[-1][1] += 1
+            self._recent[-1][2] += not payment.succeeded
+
+    def record_rejection(self):
+        with self._lock:
+            self._counts["rejected"] += 1
+
+    def _roll_day(self, now):
+        day = datetime.fromtimestamp(now, timezone.utc).date()
+        if day != self._day:
+            self._day, self._daily_revenue = day, dict.fromkeys(self.currencies, Decimal(0))
+
+    def daily_revenue(self):
+        with self._lock:
+            self._roll_day(self._clock())
+            return {currency: float(amount) for currency, amount in self._daily_revenue.items()}
+
+    def recent_failure_rate(self):
+        """Percentage of the payments completed in the last WINDOW_SECONDS that failed (0 when there were none)."""
+        with self._lock:
+            oldest = int(self._clock()) - self.WINDOW_SECONDS
+            while self._recent and self._recent[0][0] <= oldest:
+                self._recent.popleft()
+            processed = sum(entry[1] for entry in self._recent)
+            return 100.0 * sum(entry[2] for entry in self._recent) / processed if processed else 0.0
+
+    def snapshot(self):
+        failure_rate, daily_revenue = self.recent_failure_rate(), self.daily_revenue()
+        with self._lock:
+            counts, processed = dict(self._counts), self._counts["succeeded"] + self._counts["failed"]
+            return {"since": iso_utc(self.started_at), "uptimeSeconds": round(self._clock() - self.started_at, 3),
+                    "totals": {"payments": processed, **counts},
+                    "successRate": round(100.0 * counts["succeeded"] / processed, 2) if processed else None,
+                    "failureRate": round(100.0 * counts["failed"] / processed, 2) if processed else None,
+                    "recentFailureRate": round(failure_rate, 2), "activePayments": self.active,
+                    "dailyRevenue": {"date": str(self._day), **daily_revenue},
+                    "revenueSinceStart": {c: float(a) for c, a in self._revenue_total.items()}}
+
+# ---------------------------------------------------------------- metrics
+
+
+AMOUNT_BUCKETS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+DURATION_BUCKETS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2.5, 5, 10)
+
+
+class CallbackGauge(Collector):
+    """A labelled gauge whose values are read from the application at scrape time."""
+
+    def __init__(self, name, documentation, labelnames, read):
+        self.name, self.documentation, self.labelnames, self.read = name, documentation, labelnames, read
+
+    def describe(self):
+        return [GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self):
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in self.read():
+            family.add_metric(labels, value)
+        return [family]
+
+
+class PaymentMetrics:
+    """Owns a CollectorRegistry and every metric, named and labelled exactly as the seed document says."""
+
+    def __init__(self, currencies, stats, scenarios):
+        self.registry = registry = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=registry)
+        self.requests = Counter("payment_requests_total", "Payment requests by HTTP method, status code, payment "
+                                "type and currency ('invalid' for values a client invented)",
+                                ["method", "status", "type", "currency"], registry=registry)
+        self.amount = Histogram("payment_amount", "Payment amounts by currency and outcome",
+                                ["currency", "status"], buckets=AMOUNT_BUCKETS, registry=registry)
+        self.duration = Histogram("payment_duration_seconds", "Payment processing time by outcome",
+                                  ["status"], buckets=DURATION_BUCKETS, registry=registry)
+        Gauge("active_payments", "Payments being processed right now", registry=registry).set_function(
+            lambda: stats.active)
+        failure_rate = Gauge("payment_failure_rate", f"Percentage (0-100) of payments completed in the last "
+                             f"{PaymentStats.WINDOW_SECONDS} s that failed", registry=registry)
+        failure_rate.set_function(stats.recent_failure_rate)
+        self.simulation_rate = Gauge("payment_simulation_rate", "Payments per second the simulator aims at now "
+                                     "(0 when it is off)", registry=registry)
+        registry.register(CallbackGauge(
+            "payment_daily_revenue", "Revenue of successful payments today (UTC; resets at 00:00 UTC)", ["currency"],
+            lambda: [((currency,), amount) for currency, amount in stats.daily_revenue().items()]))
+        registry.register(CallbackGauge(
+            "payment_scenario_active", "1 while an incident scenario is running", ["scenario"],
+            lambda: [((name,), float(active)) for name, active in scenarios.active_flags().items()]))
+        self.influx_written = Counter("payment_influx_points_written_total", "Points InfluxDB accepted",
+                                      registry=registry)
+        self.influx_dropped = Counter("payment_influx_points_dropped_total", "Points given up, by reason",
+                                      ["reason"], registry=registry)
+        self.influx_pending = Gauge("payment_influx_points_pending", "Points waiting to be written to InfluxDB",
+                                    registry=registry)
+        for payment_type in PAYMENT_TYPES:  # series exist from the first scrape, so rate() works at once
+            for currency in currencies:
+                for status in ("200", "500"):
+                    self.requests.labels("POST", status, payment_type, currency)
+        for outcome in ("success", "failed"):
+            self.duration.labels(outcome)
+
+    def record_payment(self, payment):
+        outcome = "success" if payment.succeeded else "failed"
+        request = payment.request
+        self.requests.labels("POST", str(payment.http_status), request.type, request.currency).inc()
+        self.amount.labels(request.currency, outcome).observe(float(request.amount))
+        self.duration.labels(outcome).observe(payment.processing_time)
+
+    def record_rejection(self, status, payment_type, currency):
+        self.requests.labels("POST", str(status), payment_type, currency).inc()
+
+# ---------------------------------------------------------------- processing
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Per-request fault injection a student asks for with X-Simulate-Failure / X-Simulate-Latency headers."""
+    fail: bool = False
+    latency: float = None
+
+
+MEDIAN_PROCESSING_SECONDS = {"standard": 0.12, "express": 0.06, "recurring": 0.20}
+LATENCY_SIGMA = 0.55  # log-normal spread: p95 about 0.33 s, p99 about 0.5 s across the type mix
+SLOW_TAIL = (0.01, 4.0)  # 1 % of payments meet a slow bank and take 4 times as long
+MAX_PROCESSING_SECONDS = 30.0
+
+
+class PaymentProcessor:
+    """Turns a valid PaymentRequest into a Payment: the one path for API and simulated payments alike."""
+
+    def __init__(self, settings, metrics, stats, store, exporter, scenarios, clock):
+        self.settings, self.metrics, self.stats, self.store = settings, metrics, stats, store
+        self.exporter, self.scenarios, self._clock = exporter, scenarios, clock
+
+    def begin(self, request, rng, source, fault=Fault()):
+        """Decide outcome and processing time (the caller waits that long, then calls finish)."""
+        effects = self.scenarios.effects()
+        payment_id = f"pay_{rng.getrandbits(64):016x}"
+        processing_time = (MEDIAN_PROCESSING_SECONDS[request.type] * math.exp(rng.gauss(0, LATENCY_SIGMA))
+                           * (SLOW_TAIL[1] if rng.random() < SLOW_TAIL[0] else 1.0)
+                           * self.settings.latency_scale * effects.latency_factor)
+        failure_rate = self.settings.failure_rate if effects.failure_rate is None else effects.failure_rate
+        fails = rng.random() < failure_rate or fault.fail or request.currency == effects.failing_currency
+        if effects.outage:
+            status, processing_time = 503, 0.0
+        else:
+            status = 500 if fails else 200
+        if fault.latency is not None:
+            processing_time = fault.latency
+        self.stats.record_start()
+        return Payment(payment_id, request, source, self._clock(), min(processing_time, MAX_PROCESSING_SECONDS), status)
+
+    def finish(self, payment):
+        payment.completed_at = self._clock()
+        self.metrics.record_payment(payment)
+        self.stats.record(payment)
+        self.store.add(payment)
+        self.exporter.export(payment)
+        return payment
+
+    def reject(self, error, document):
+        self.metrics.record_rejection(error.status, *label_values(document, self.settings.currencies))
+        self.stats.record_rejection()
+
+# ---------------------------------------------------------------- InfluxDB export
+
+
+class DisabledExporter:
+    """Stands in for InfluxDB export when it is off: same interface, does nothing."""
+
+    def __init__(self, reason):
+        self.reason = reason
+
+    def export(self, payment):
+        pass
+
+    def health(self):
+        return {"state": "disabled", "reason": self.reason}
+
+    def close(self, timeout):
+        pass
+
+
+class InfluxExporter:
+    """Writes one point per payment through influxdb-client's batching WriteApi; a payment never waits for it.
+
+    Points wait in the client's buffer (bounded by INFLUXDB_BUFFER_SIZE) while InfluxDB is slow or down,
+    are retried with exponential backoff, and every point given up is counted by reason, never dropped silently.
+    """
+
+    def __init__(self, settings, metrics):
+        self.settings, self.metrics = settings, metrics
+        self.state = "connecting"
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._client = InfluxDBClient(url=settings.influxdb_url, token=settings.influxdb_token,
+                                      org=settings.influxdb_org, timeout=5_000)
+        self._scheduler = EventLoopScheduler()  # one daemon thread: a hung InfluxDB cannot hold the process
+        self._options = WriteOptions(batch_size=settings.influxdb_batch_size,
+                               flush_interval=settings.influxdb_flush_interval_ms,
+                               retry_interval=1_000, exponential_base=2, max_retry_delay=15_000, max_retries=8,
+                               max_retry_time=120_000,
+                               write_scheduler=self._scheduler)
+        self._write_api = self._client.write_api(write_options=self._options, success_callback=self._written,
+                                                 error_callback=self._failed, retry_callback=self._retrying)
+        metrics.influx_pending.set_function(lambda: self._pending)
+
+    def export(self, payment):
+        request = payment.request
+        point = (Point("payment").tag("status", "success" if payment.succeeded else "failed")
+                 .tag("currency", request.currency).tag("payment_type", request.type)
+                 .tag("customer_id", request.customer_id)
+                 .field("amount", float(request.amount)).field("processing_time", payment.processing_time)
+                 .field("payment_id", payment.payment_id)
+                 .time(int(payment.completed_at * 1e9), WritePrecision.NS))
+        with self._lock:
+            if self._pending >= self.settings.influxdb_buffer_size:
+                self.metrics.influx_dropped.labels("buffer_full").inc()
+                return
+            self._pending += 1
+            self._write_api.write(bucket=self.settings.influxdb_bucket, record=point)
+
+    def _settle(self, data, outcome):
+        points = data.count(b"\n" if isinstance(data, bytes) else "\n") + 1
+        with self._lock:
+            self._pending -= points
+        if outcome == "written":
+            self.metrics.influx_written.inc(points)
+        else:
+            self.metrics.influx_dropped.labels(outcome).inc(points)
+        return points
+
+    def _set_state(self, state, error=None):
+        if state != self.state:
+            url = self.settings.influxdb_url
+            if state == "up":
+                log.info("InfluxDB reachable again" if self.state != "connecting" else "InfluxDB reachable",
+                         extra={"fields": {"url": url}})
+            else:
+                log.warning("InfluxDB unreachable; points are kept and retried",
+                            extra={"fields": {"url": url, "error": str(error)[:200]}})
+            self.state = state
+
+    def _written(self, _conf, data):
+        self._settle(data, "written")
+        self._set_state("up")
+
+    def _retrying(self, _conf, _data, error):
+        self._set_state("unreachable", error)
+
+    def _failed(self, _conf, data, error):
+        self._settle(data, "write_error")
+        self._set_state("unreachable", error)
+
+    def health(self):
+        return {"state": self.state, "url": self.settings.influxdb_url, "bucket": self.settings.influxdb_bucket,
+                "pendingPoints": self._pending}
+
+    def close(self, timeout):
+        """Send what is pending, waiting at most `timeout` seconds, then count what is left as dropped."""
+        self._options.max_close_wait = max(int(timeout * 1000), 100)  # the client's default is 300 s
+        self._write_api.close()
+        with self._lock:
+            if self._pending:
+                log.warning("InfluxDB points left unwritten at shutdown", extra={"fields": {"points": self._pending}})
+                self.metrics.influx_dropped.labels("shutdown").inc(self._pending)
+                self._pending = 0
+        self._client.close()
+        self._scheduler.dispose()
+
+
+def make_exporter(settings, metrics):
+    if not settings.influxdb_url:
+        return DisabledExporter("INFLUXDB_URL is empty")
+    if InfluxDBClient is None:
+        return DisabledExporter("the influxdb-client package is not installed")
+    return InfluxExporter(settings, metrics)
+
+# ---------------------------------------------------------------- incident scenarios
+
+
+@dataclass(frozen=True)
+class Effects:
+    """How running scenarios change payment processing, combined."""
+    failure_rate: float = None  # None: the configured PAYMENT_FAILURE_RATE
+    latency_factor: float = 1.0
+    outage: bool = False
+    rate_factor: float = 1.0
+    failing_currency: str = None
+
+
+SCENARIOS = {
+    "error_spike": ("25 % of payments fail with HTTP 500", Effects(failure_rate=0.25)),
+    "latency_degradation": ("processing takes 4 times as long: p95 about 1.3 s", Effects(latency_factor=4.0)),
+    "outage": ("every payment is answered 503, simulated ones too", Effects(outage=True)),
+    "traffic_surge": ("the simulator sends 5 times its rate", Effects(rate_factor=5.0)),
+    "currency_outage": ("every payment in the last configured currency (GBP by default) fails with HTTP 500",
+                        Effects(failing_currency="last")),
+}
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h)")
+
+
+def parse_duration(text):
+    match = DURATION.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 90s, 5m or 1h")
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+@dataclass(frozen=True)
+class ScheduleEntry:
+    scenario: str  # a name from SCENARIOS, or "random"
+    start: float  # seconds after start-up
+    duration: float
+    every: float = None  # repeat interval, or None for once
+
+
+def parse_schedule(text):
+    """'error_spike@2m+5m,random@10m+3m/20m': NAME@START+DURATION[/EVERY], comma-separated."""
+    entries = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        match = re.fullmatch(r"([a-z_]+)@([^+]+)\+([^/]+)(?:/(.+))?", item)
+        if not match or match[1] not in (*SCENARIOS, "random"):
+            raise ValueError(f"{item!r} is not NAME@START+DURATION[/EVERY] with NAME one of "
+                             + ", ".join((*SCENARIOS, "random")))
+        every = parse_duration(match[4]) if match[4] else None
+        entries.append(ScheduleEntry(match[1], parse_duration(match[2]), parse_duration(match[3]), every))
+    return tuple(entries)
+
+
+class ScenarioBoard:
+    """Which incident scenarios run now, started by the API or the schedule, with a bounded history.
+
+    Expiry and the schedule are applied whenever the board is read (every payment and scrape reads it),
+    at the exact time they were due, so no extra thread is needed.
+    """
+
+    def __init__(self, settings, clock):
+        self.settings, self._clock = settings, clock
+        self._lock = threading.Lock()
+        self._running = {}  # name -> {"startedAt", "endsAt", "startedBy"}
+        self._history = deque(maxlen=200)
+        self._rng = random.Random(settings.simulation_seed)
+        started = clock()
+        self._schedule = [[started + entry.start, entry] for entry in settings.scenario_schedule]
+
+    def _refresh(self, now):
+        for name, run in list(self._running.items()):
+            if run["endsAt"] is not None and run["endsAt"] <= now:
+                self._stop(name, run["endsAt"], "schedule" if run["startedBy"] == "schedule" else "duration")
+        for due in self._schedule:
+            while due[0] is not None and due[0] <= now:
+                start, entry = due
+                name = self._rng.choice(sorted(SCENARIOS)) if entry.scenario == "random" else entry.scenario
+                if start + entry.duration > now:
+                    self._start(name, start, entry.duration, "schedule")
+                due[0] = start + entry.every if entry.every else None
+
+    def _start(self, name, now, duration, by):
+        if name in self._running:
+            self._stop(name, now, by)
+        self._running[name] = {"startedAt": now, "endsAt": now + duration if duration else None, "startedBy": by}
+        self._history.append({"scenario": name, "startedAt": iso_utc(now), "startedBy": by,
+                              "stoppedAt": None, "stoppedBy": None})
+        log.warning("scenario started", extra={"fields": {"scenario": name, "by": by, "duration": duration}})
+
+    def _stop(self, name, now, by):
+        del self._running[name]
+        for entry in reversed(self._history):
+            if entry["scenario"] == name and entry["stoppedAt"] is None:
+                entry.update(stoppedAt=iso_utc(now), stoppedBy=by)
+                break
+        log.warning("scenario stopped", extra={"fields": {"scenario": name, "by": by}})
+
+    def start(self, name, duration=None):
+        with self._lock:
+            now = self._clock()
+            self._refresh(now)
+            self._start(name, now, duration, "api")
+            return self._describe(name)
+
+    def stop(self, name):
+        with self._lock:
+            now = self._clock()
+            self._refresh(now)
+            if name in self._running:
+                self._stop(name, now, "api")
+            return self._describe(name)
+
+    def _describe(self, name):
+        run = self._running.get(name)
+        return {"name": name, "description": SCENARIOS[name][0], "active": run is not None,
+                "startedAt": iso_utc(run["startedAt"]) if run else None,
+                "endsAt": iso_utc(run["endsAt"]) if run and run["endsAt"] else None}
+
+    def describe_all(self):
+        with self._lock:
+            self._refresh(self._clock())
+            return [self._describe(name) for name in SCENARIOS]
+
+    def history(self):
+        with self._lock:
+            self._refresh(self._clock())
+            return list(self._history)
+
+    def active_flags(self):
+        with self._lock:
+            self._refresh(self._clock())
+            return {name: name in self._running for name in SCENARIOS}
+
+    def effects(self):
+        """The combined Effects of every running scenario."""
+        with self._lock:
+            self._refresh(self._clock())
+            running = [SCENARIOS[name][1] for name in self._running]
+        if not running:
+            return Effects()
+        failure_rates = [effect.failure_rate for effect in running if effect.failure_rate is not None]
+        return Effects(failure_rate=max(failure_rates, default=None),
+                       latency_factor=math.prod(effect.latency_factor for effect in running),
+                       outage=any(effect.outage for effect in running),
+                       rate_factor=math.prod(effect.rate_factor for effect in running),
+                       failing_currency=self.settings.currencies[-1] if any(
+                           effect.failing_currency for effect in running) else None)
+
+# ---------------------------------------------------------------- traffic simulator
+
+
+CURRENCY_WEIGHTS = {"EUR": 50, "USD": 30, "GBP": 20}  # other configured currencies weigh 10
+TYPE_WEIGHTS = (70, 20, 10)  # standard, express, recurring
+AMOUNT_BANDS = ((0.75, 10, 200), (0.20, 200, 1000), (0.05, 1000, 6000))  # share, low, high (log-uniform)
+RETURNING_CUSTOMERS, RETURNING_SHARE = 100, 0.6  # 10 % of the pool make 60 % of payments
+PROFILES = ("steady", "diurnal", "bursty")
+BURST_EVERY, BURST_LENGTH, BURST_FACTOR = 60.0, 6.0, 4.0
+MAX_SIMULATION_RATE = 5000.0
+TICK_SECONDS = 0.005  # the scheduler sleeps at least this long, so high rates are handled in small batches
+
+
+def profile_factor(profile, elapsed, period):
+    """Rate multiplier of a traffic profile at `elapsed` seconds; each averages 1 over its cycle."""
+    if profile == "diurnal":  # night at 0.2x, midday at 1.8x
+        return 1.0 - 0.8 * math.cos(2 * math.pi * elapsed / period) if period else 1.0
+    if profile == "bursty":  # a 4x surge for 6 s every minute, a little below 1x in between
+        in_burst = elapsed % BURST_EVERY < BURST_LENGTH
+        return BURST_FACTOR if in_burst else (BURST_EVERY - BURST_FACTOR * BURST_LENGTH) / (BURST_EVERY - BURST_LENGTH)
+    return 1.0
+
+
+class Simulator:
+    """Makes Poisson-distributed payments through the PaymentProcessor, like real clients would.
+
+    One thread: arrivals are drawn ahead on a schedule, and payments that are 'processing' wait in a
+    heap until their completion time, so thousands can be in flight without a thread each.
+    """
+
+    def __init__(self, settings, processor, scenarios, metrics, clock=time.monotonic):
+        self.settings, self.processor, self.scenarios, self._clock = settings, processor, scenarios, clock
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+        self._thread = None
+        self._in_flight = []  # heap of (completes_at, sequence, payment)
+        self._sequence = 0
+        self._started_at = clock()
+        self.config = {}
+        self.configure(enabled=settings.simulation_enabled and settings.simulation_rate > 0,
+                       rate=settings.simulation_rate, profile=settings.simulation_profile,
+                       seed=settings.simulation_seed)
+        metrics.simulation_rate.set_function(lambda: self.current_rate(self._clock()))
+
+    def configure(self, **changes):
+        """Apply runtime changes (already validated); a new seed restarts the random sequence."""
+        with self._lock:
+            self.config.update(changes)
+            if "seed" in changes:
+                self._rng = random.Random(changes["seed"])
+            self._next_arrival = None  # redrawn from now: Poisson arrivals have no memory
+            return dict(self.config)
+
+    def current_rate(self, now):
+        if not self.config["enabled"]:
+            return 0.0
+        shape = profile_factor(self.config["profile"], now - self._started_at, self.settings.simulation_period)
+        return self.config["rate"] * shape * self.scenarios.effects().rate_factor
+
+    def _draw_request(self):
+        rng, currencies = self._rng, self.settings.currencies
+        currency = rng.choices(currencies, [CURRENCY_WEIGHTS.get(code, 10) for code in currencies])[0]
+        payment_type = rng.choices(PAYMENT_TYPES, TYPE_WEIGHTS)[0]
+        share, low, high = rng.choices(AMOUNT_BANDS, [band[0] for band in AMOUNT_BANDS])[0]
+        amount = Decimal(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.2f}")
+        pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
+        return PaymentRequest(amount, currency, payment_type, f"cust_{rng.randrange(1, pool + 1):05d}")
+
+    def tick(self, now):
+        """Start every payment due by `now`, finish every one whose processing is over; return the next wake-up."""
+        with self._lock:
+            rate = self.current_rate(now)
+            if self._next_arrival is None and rate > 0:
+                self._next_arrival = now + self._rng.expovariate(rate)
+            while self._next_arrival is not None and self._next_arrival <= now:
+                payment = self.processor.begin(self._draw_request(), self._rng, "simulator")
+                self._sequence += 1
+                heapq.heappush(self._in_flight, (self._next_arrival + payment.processing_time, self._sequence, payment))
+                rate = self.current_rate(self._next_arrival)
+                self._next_arrival = self._next_arrival + self._rng.expovariate(rate) if rate > 0 else None
+            while self._in_flight and self._in_flight[0][0] <= now:
+                self.processor.finish(heapq.heappop(self._in_flight)[2])
+            wake_ups = [now + 0.5, self._next_arrival or math.inf, self._in_flight[0][0] if self._in_flight else math.inf]
+            return min(wake_ups)
+
+    def _run(self):
+        while not self._stop_event.is_set():
+            wake_at = self.tick(self._clock())
+            self._stop_event.wait(max(wake_at - self._clock(), TICK_SECONDS))
+        with self._lock:  # payments in flight at shutdown complete now, so they are counted and exported
+            while self._in_flight:
+                self.processor.finish(heapq.heappop(self._in_flight)[2])
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop_event.set()
+        if self._thread:
+            self._thread.join()
+
+# ---------------------------------------------------------------- HTTP
+
+
+IDLE_TIMEOUT_SECONDS = 15
+ROUTES = []  # (method, compiled path pattern, handler method name, needs admin token)
+
+
+def route(method, pattern, admin=False):
+    """Register the decorated handler method for `method` on paths matching `pattern`."""
+    def register(handler):
+        ROUTES.append((method, re.compile(pattern + r"\Z"), handler.__name__, admin))
+        return handler
+    return register
+
+
+class PaymentHandler(BaseHTTPRequestHandler):
+    """One HTTP connection: every method goes through dispatch(), which looks the path up in ROUTES."""
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # even a garbled request line gets a status line and headers
+    server_version = f"payment-api/{VERSION}"
+    disable_nagle_algorithm = True  # headers and body leave together instead of meeting delayed ACKs
+    timeout = IDLE_TIMEOUT_SECONDS  # idle keep-alive connections are closed after this
+
+    def dispatch(self):
+        started, self.status = time.monotonic(), None
+        app, url = self.server.app, urlsplit(self.path)
+        method = "GET" if self.command == "HEAD" else self.command
+        self.query = parse_qs(url.query)
+        app.track_request(+1)
+        try:
+            handler, params = self.find_route(method, url.path)
+            handler(**params)
+        except ClientError as error:
+            self.send_json(error.status, error.body, error.headers)
+        except Exception:
+            log.exception("unexpected error", extra={"fields": {"method": self.command, "path": url.path}})
+            self.send_json(500, {"error": "internal server error"})
+        finally:
+            app.track_request(-1)
+        quiet = url.path in ("/health", "/metrics")
+        log.log(logging.DEBUG if quiet else logging.INFO, "request", extra={"fields": {
+            "method": self.command, "path": url.path, "status": self.status,
+            "durationMs": round((time.monotonic() - started) * 1000, 2), "client": self.client_address[0]}})
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
+
+    def find_route(self, method, path):
+        allowed = []
+        for route_method, pattern, name, admin in ROUTES:
+            match = pattern.match(path)
+            if match and route_method == method:
+                if admin:
+                    self.check_admin_token()
+                return getattr(self, name), match.groupdict()
+            if match:
+                allowed.append(route_method)
+        if not allowed:
+            raise NotFound(f"no such path: {path}")
+        error = MethodNotAllowed(f"{self.command} is not allowed on {path}", allowed=allowed)
+        error.headers["Allow"] = ", ".join(allowed + ["HEAD"] * ("GET" in allowed))
+        raise error
+
+    def check_admin_token(self):
+        token = self.server.app.settings.admin_token
+        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if token and not hmac.compare_digest(given.encode(), token.encode()):
+            error = Unauthorized("this change needs 'Authorization: Bearer <ADMIN_TOKEN>'")
+            error.headers["WWW-Authenticate"] = "Bearer"
+            raise error
+
+    # -- reading and writing
+
+    def read_json(self, required=True):
+        """The request's JSON body (None when optional and empty); 411, 413, 415 or 400 when unusable."""
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            if not required and length is None:
+                return None
+            self.close_connection = True
+            raise LengthRequired("a Content-Length header is required")
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True  # the body is left unread
+            raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
+        body = self.rfile.read(int(length))
+        if not body and not required:
+            return None
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise UnsupportedMediaType("Content-Type must be application/json")
+        return parse_json(body)
+
+    def send_json(self, status, document, headers=None):
+        self.send_body(status, json.dumps(document).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def send_body(self, status, body, headers):
+        self.status = status
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        if self.server.app.stopping:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors found by http.server itself (bad request line, headers too long) are JSON too."""
+        self.close_connection = True
+        self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
+
+    def log_message(self, format, *args):
+        pass  # dispatch() writes the access log
+
+    # -- endpoints
+
+    @route("GET", r"/health")
+    def health(self):
+        app = self.server.app
+        self.send_json(503 if app.stopping else 200, {
+            "status": "DOWN" if app.stopping else "UP", "service": "payment-api", "version": VERSION,
+            "timestamp": iso_utc(time.time()), "uptimeSeconds": round(time.monotonic() - app.started_at, 3),
+            "dependencies": {"influxdb": app.exporter.health()},
+            "simulation": dict(app.simulator.config)})
+
+    @route("GET", r"/metrics")
+    def metrics(self):
+        encoder, content_type = choose_encoder(self.headers.get("Accept"))
+        body, headers = encoder(self.server.app.metrics.registry), {"Content-Type": content_type}
+        if gzip_accepted(self.headers.get("Accept-Encoding")):
+            body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+        self.send_body(200, body, headers)
+
+    @route("POST", r"/api/payments")
+    def create_payment(self):
+        app, document = self.server.app, None
+        try:
+            document = self.read_json()
+            request = validate_payment(document, app.settings.currencies, app.rng)
+            fault = self.read_fault()
+        except ClientError as error:
+            app.processor.reject(error, document)
+            raise
+        payment = app.processor.begin(request, app.rng, "api", fault)
+        app.abort_waits.wait(payment.processing_time)
+        self.send_json(payment.http_status, app.processor.finish(payment).to_json())
+
+    def read_fault(self):
+        """Fault injection asked for in headers: X-Simulate-Failure: true, X-Simulate-Latency: <seconds>."""
+        fail, latency = self.headers.get("X-Simulate-Failure"), self.headers.get("X-Simulate-Latency")
+        try:
+            fault = Fault(fail=parse_bool(fail) if fail else False, latency=float(latency) if latency else None)
+            if fault.latency is not None and not 0 <= fault.latency <= MAX_PROCESSING_SECONDS:
+                raise ValueError
+        except ValueError:
+            raise InvalidField("headers", "X-Simulate-Failure must be true or false, X-Simulate-Latency "
+                               f"seconds from 0 to {MAX_PROCESSING_SECONDS:g}") from None
+        return fault
+
+    @route("GET", r"/api/payments")
+    def list_payments(self):
+        store = self.server.app.store
+        text = self.query.get("limit", ["50"])[-1]
+        if not text.isdigit() or int(text) < 1:
+            raise InvalidField("limit", "limit must be a whole number of at least 1")
+        payments = store.recent(min(int(text), store.capacity))
+        self.send_json(200, {"count": len(payments), "payments": [payment.to_json() for payment in payments]})
+
+    @route("GET", r"/api/payments/stats")
+    def payment_stats(self):
+        self.send_json(200, self.server.app.stats.snapshot())
+
+    @route("GET", r"/api/payments/(?P<payment_id>[^/]+)")
+    def get_payment(self, payment_id):
+        payment = self.server.app.store.get(payment_id)
+        if payment is None:
+            raise NotFound("payment not found", paymentId=payment_id[:100])
+        self.send_json(200, payment.to_json())
+
+    @route("GET", r"/api/simulation")
+    def get_simulation(self):
+        self.send_json(200, dict(self.server.app.simulator.config))
+
+    @route("PUT", r"/api/simulation", admin=True)
+    def put_simulation(self):
+        changes = self.read_json()
+        if not isinstance(changes, dict):
+            raise MalformedBody("body must be a JSON object")
+        checks = {"enabled": (lambda v: isinstance(v, bool), "true or false"),
+                  "rate": (lambda v: is_number(v) and 0 <= v <= MAX_SIMULATION_RATE,
+                           f"a number from 0 to {MAX_SIMULATION_RATE:g}"),
+                  "profile": (lambda v: v in PROFILES, "one of " + ", ".join(PROFILES)),
+                  "seed": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+                           "a whole number or null")}
+        for name, value in changes.items():
+            if name not in checks:
+                raise InvalidField(name[:40], "unknown field; known: " + ", ".join(checks))
+            if not checks[name][0](value):
+                raise InvalidField(name, f"{name} must be {checks[name][1]}")
+        if "rate" in changes:
+            changes["rate"] = float(changes["rate"])
+        self.send_json(200, self.server.app.simulator.configure(**changes))
+
+    @route("GET", r"/api/scenarios")
+    def list_scenarios(self):
+        self.send_json(200, {"scenarios": self.server.app.scenarios.describe_all()})
+
+    @route("GET", r"/api/scenarios/history")
+    def scenario_history(self):
+        self.send_json(200, {"history": self.server.app.scenarios.history()})
+
+    @route("POST", r"/api/scenarios/(?P<name>[^/]+)", admin=True)
+    def start_scenario(self, name):
+        self.known_scenario(name)
+        body = self.read_json(required=False) or {}
+        duration = body.get("duration") if isinstance(body, dict) else "not an object"
+        if duration is not None and not (is_number(duration) and 0 < duration <= 86400):
+            raise InvalidField("duration", "duration must be seconds, greater than 0 and at most 86400")
+        self.send_json(200, self.server.app.scenarios.start(name, float(duration) if duration else None))
+
+    @route("DELETE", r"/api/scenarios/(?P<name>[^/]+)", admin=True)
+    def stop_scenario(self, name):
+        self.known_scenario(name)
+        self.send_json(200, self.server.app.scenarios.stop(name))
+
+    @staticmethod
+    def known_scenario(name):
+        if name not in SCENARIOS:
+            raise NotFound("no such scenario", scenario=name[:100], known=list(SCENARIOS))
+
+
+def is_number(value):
+    return isinstance(value, (int, Decimal)) and not isinstance(value, bool)
+
+
+class PaymentServer(ThreadingHTTPServer):
+    """A thread per connection; remembers open connections so a graceful stop can close idle ones."""
+    daemon_threads = False  # server_close() joins every connection thread
+    request_queue_size = 1024  # the default of 5 resets connections under a burst of clients
+
+    def __init__(self, address, app):
+        self.app = app
+        self.connections = set()
+        super().__init__(address, PaymentHandler)
+
+    def process_request_thread(self, request, client_address):
+        self.connections.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.discard(request)
+
+    def close_idle_connections(self):
+        for connection in list(self.connections):
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+# ---------------------------------------------------------------- application
+
+
+class PaymentApp:
+    """Wires the parts together and owns start and stop; tests run several side by side on port 0."""
+
+    def __init__(self, settings, clock=time.time, monotonic=time.monotonic):
+        self.settings = settings
+        self.rng = random.Random()
+        self.store = PaymentStore(settings.store_size)
+        self.stats = PaymentStats(settings.currencies, clock)
+        self.scenarios = ScenarioBoard(settings, clock)
+        self.metrics = PaymentMetrics(settings.currencies, self.stats, self.scenarios)
+        self.exporter = make_exporter(settings, self.metrics)
+        self.processor = PaymentProcessor(settings, self.metrics, self.stats, self.store, self.exporter,
+                                          self.scenarios, clock)
+        self.simulator = Simulator(settings, self.processor, self.scenarios, self.metrics, monotonic)
+        self.started_at = monotonic()
+        self.stopping = False
+        self.abort_waits = threading.Event()  # set when a stop runs out of time: processing payments finish now
+        self._in_progress = 0
+        self._idle = threading.Condition()
+        self.server = self._server_thread = None
+
+    def track_request(self, change):
+        with self._idle:
+            self._in_progress += change
+            self._idle.notify_all()
+
+    @property
+    def url(self):
+        host, port = self.server.server_address[:2]
+        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+
+    def start(self):
+        self.server = PaymentServer((self.settings.host, self.settings.port), self)
+        self._server_thread = threading.Thread(target=self.server.serve_forever, name="http-server")
+        self._server_thread.start()
+        self.simulator.start()
+        for warning in self.settings.warnings:
+            log.warning(warning)
+        return self
+
+    def stop(self):
+        """Stop accepting, let requests in progress finish (within SHUTDOWN_TIMEOUT), flush InfluxDB, return."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        self.stopping = True
+        self.server.shutdown()
+        self._server_thread.join()
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._in_progress == 0, timeout=self.settings.shutdown_timeout):
+                self.abort_waits.set()
+                self._idle.wait_for(lambda: self._in_progress == 0, timeout=1.0)
+        self.server.close_idle_connections()
+        self.server.server_close()
+        self.simulator.stop()
+        self.exporter.close(max(deadline - time.monotonic(), 0.0))
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+# ---------------------------------------------------------------- main
+
+
+class LogFormatter(logging.Formatter):
+    """One event a line: a JSON object, or 'time level event key=value ...' with LOG_FORMAT=text."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style = style
+
+    def format(self, record):
+        fields = {"time": iso_utc(record.created), "level": record.levelname.lower(), "event": record.getMessage(),
+                  **getattr(record, "fields", {})}
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        if self.style == "json":
+            return json.dumps(fields)
+        return " ".join([fields.pop("time"), fields.pop("level"), fields.pop("event")]
+                        + [f"{key}={value}" for key, value in fields.items()])
+
+
+def configure_logging(settings):
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(LogFormatter(settings.log_format))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+    for noisy in ("influxdb_client", "urllib3", "reactivex"):  # the exporter logs outages once, not per batch
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def main(argv=None):
+    try:
+        settings = Settings.load(sys.argv[1:] if argv is None else argv)
+    except SettingsError as error:
+        print(f"payment_api.py: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    stop_requested = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop_requested.set())
+    app = PaymentApp(settings)
+    try:
+        app.start()
+    except OSError as error:
+        log.error("cannot listen", extra={"fields": {"host": settings.host, "port": settings.port,
+                                                     "error": str(error)}})
+        app.exporter.close(0)
+        return 1
+    log.info(f"payment-api listening on {app.url}", extra={"fields": {
+        "health": app.url + "/health", "metrics": app.url + "/metrics", "payments": app.url + "/api/payments",
+        "simulation": app.simulator.config, "influxdb": app.exporter.health()["state"]}})
+    stop_requested.wait()
+    log.info("stopping: finishing requests in progress and InfluxDB writes")
+    app.stop()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

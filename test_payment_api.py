@@ -1,0 +1,614 @@
+"""The behaviour of payment-api, tested against real apps on port 0 (and real Prometheus / victoria-metrics).
+
+Run with `python -m pytest -q`. The harness (fixtures, `eventually`, servers) is in conftest.py.
+"""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from datetime import datetime, timezone
+
+import pytest
+
+import payment_api
+from conftest import eventually, free_port, http, metric_value, require_binary
+
+SEED_PAYMENT = {"amount": 100.50, "currency": "USD", "customerId": "cust_12345", "type": "standard"}
+
+
+class FakeClock:
+    """A clock the test moves by hand: for the simulator's schedule, scenario expiry and the UTC day."""
+
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+        return self.now
+
+
+def post_payment(app, body=SEED_PAYMENT, headers=None):
+    return http("POST", app.url + "/api/payments", body, headers)
+
+
+def label_values(app, metric, label):
+    from prometheus_client.parser import text_string_to_metric_families
+    _, _, text = http("GET", app.url + "/metrics")
+    return {sample.labels[label] for family in text_string_to_metric_families(text.decode())
+            for sample in family.samples if sample.name == metric}
+
+# ---------------------------------------------------------------- settings
+
+
+def test_settings_come_from_environment_with_seed_aliases():
+    settings = payment_api.Settings.load([], {"PAYMENT_API_PORT": "8081", "PAYMENT_SIMULATION_RATE": "12",
+                                              "CURRENCIES": "usd, chf", "INFLUXDB_URL": ""})
+    assert (settings.port, settings.simulation_rate, settings.currencies) == (8081, 12.0, ("USD", "CHF"))
+    assert payment_api.Settings.load(["--port", "9000"], {"PORT": "8000"}).port == 9000
+
+
+@pytest.mark.parametrize("variable, value", [("PORT", "abc"), ("PAYMENT_FAILURE_RATE", "2"),
+                                             ("SIMULATION_PROFILE", "weekly"), ("SCENARIO_SCHEDULE", "melt@1m+1m")])
+def test_a_wrong_setting_stops_start_up_with_one_line_naming_it(variable, value):
+    result = subprocess.run([sys.executable, "payment_api.py"], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, variable: value, "INFLUXDB_URL": ""}, cwd=os.path.dirname(__file__))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and variable in result.stderr
+    assert result.stdout == ""
+
+
+def test_invalid_influx_batching_values_fall_back_to_defaults_with_a_warning():
+    settings = payment_api.Settings.load([], {"INFLUXDB_BATCH_SIZE": "lots", "INFLUXDB_FLUSH_INTERVAL_MS": "-5"})
+    assert settings.influxdb_batch_size == payment_api.Settings.influxdb_batch_size
+    assert settings.influxdb_flush_interval_ms == payment_api.Settings.influxdb_flush_interval_ms
+    assert len(settings.warnings) == 2 and "INFLUXDB_BATCH_SIZE" in settings.warnings[0]
+
+
+def test_help_lists_every_setting_with_its_variable():
+    result = subprocess.run([sys.executable, "payment_api.py", "--help"], capture_output=True, text=True,
+                            timeout=30, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    for spec in payment_api.dataclasses.fields(payment_api.Settings):
+        if "env" in spec.metadata:
+            assert f"env {spec.metadata['env']}" in help_text
+
+# ---------------------------------------------------------------- health, metrics, routing
+
+
+def test_health_reports_up_with_version_timestamp_and_dependencies(app):
+    status, headers, body = http("GET", app.url + "/health")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert body["status"] == "UP" and body["service"] == "payment-api" and body["version"] == payment_api.VERSION
+    assert datetime.strptime(body["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert body["dependencies"]["influxdb"]["state"] == "disabled"
+
+
+def test_metrics_speaks_prometheus_text_openmetrics_and_gzip(app):
+    status, headers, text = http("GET", app.url + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert b"# TYPE payment_requests_total counter" in text and b"process_resident_memory_bytes" in text
+    _, headers, text = http("GET", app.url + "/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert headers["Content-Type"].startswith("application/openmetrics-text") and text.endswith(b"# EOF\n")
+    _, headers, compressed = http("GET", app.url + "/metrics", headers={"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip" and b"payment_duration_seconds" in gzip.decompress(compressed)
+
+
+def test_metrics_have_the_seed_names_types_and_labels(app):
+    post_payment(app)
+    from prometheus_client.parser import text_string_to_metric_families
+    _, _, text = http("GET", app.url + "/metrics")
+    families = {family.name: family for family in text_string_to_metric_families(text.decode())}
+    expected = {"payment_requests": ("counter", {"method", "status", "type", "currency"}),
+                "payment_amount": ("histogram", {"currency", "status"}),
+                "payment_duration_seconds": ("histogram", {"status"}),
+                "active_payments": ("gauge", set()), "payment_daily_revenue": ("gauge", {"currency"}),
+                "payment_failure_rate": ("gauge", set())}
+    for name, (kind, labels) in expected.items():
+        family = families[name]
+        assert family.type == kind, name
+        assert {key for sample in family.samples for key in sample.labels} - {"le"} == labels, name
+    buckets = {sample.labels["le"] for sample in families["payment_duration_seconds"].samples if "le" in sample.labels}
+    assert "0.5" in buckets
+
+
+def test_promtool_finds_nothing_to_lint_in_the_metrics(app):
+    promtool = require_binary("promtool")
+    post_payment(app)
+    post_payment(app, {"amount": "x"})
+    _, _, text = http("GET", app.url + "/metrics")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+
+
+def test_unknown_path_is_json_404_and_wrong_method_is_405_with_allow(app):
+    status, _, body = http("GET", app.url + "/nope")
+    assert status == 404 and "error" in body
+    status, headers, body = http("DELETE", app.url + "/api/payments")
+    assert status == 405 and set(headers["Allow"].split(", ")) == {"GET", "POST", "HEAD"}
+    status, _, body = http("PATCH", app.url + "/health")
+    assert status == 405 and body["allowed"] == ["GET"]
+
+
+def test_head_answers_like_get_without_a_body(app):
+    status, headers, body = http("HEAD", app.url + "/health")
+    assert status == 200 and int(headers["Content-Length"]) > 0 and body == b""
+
+
+def test_a_malformed_request_line_gets_json_not_html(app):
+    import socket
+    host, port = app.server.server_address[:2]
+    with socket.create_connection((host, port), timeout=5) as connection:
+        connection.sendall(b"GARBAGE\r\n\r\n")
+        reply = connection.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400") and b"application/json" in reply and b"<html" not in reply.lower()
+
+# ---------------------------------------------------------------- payments
+
+
+def test_seed_quick_start_payment_succeeds_with_defaults(app):
+    status, _, body = post_payment(app, {"amount": 100, "currency": "USD"})
+    assert status == 200
+    assert body["success"] is True and body["status"] == "completed" and body["paymentId"].startswith("pay_")
+    assert (body["amount"], body["currency"], body["type"]) == (100.0, "USD", "standard")
+    assert body["customerId"].startswith("cust_") and body["processingTime"] > 0
+    assert datetime.strptime(body["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_payment_is_counted_in_every_metric(app):
+    post_payment(app, {**SEED_PAYMENT, "currency": "EUR", "type": "express"})
+    assert metric_value(app.url, "payment_requests_total", method="POST", status="200", type="express",
+                        currency="EUR") == 1
+    assert metric_value(app.url, "payment_amount_sum", currency="EUR", status="success") == 100.5
+    assert metric_value(app.url, "payment_duration_seconds_count", status="success") == 1
+    assert metric_value(app.url, "payment_daily_revenue", currency="EUR") == 100.5
+    assert metric_value(app.url, "active_payments") == 0
+
+
+def test_processing_failure_answers_500_and_is_counted_as_failed(make_app):
+    app = make_app(failure_rate=1.0)
+    status, _, body = post_payment(app)
+    assert status == 500 and body["success"] is False and body["error"] == "Payment processing failed"
+    assert body["paymentId"] and body["amount"] == 100.5
+    assert metric_value(app.url, "payment_requests_total", status="500") == 1
+    assert metric_value(app.url, "payment_duration_seconds_count", status="failed") == 1
+    assert metric_value(app.url, "payment_failure_rate") == 100.0
+    assert metric_value(app.url, "payment_daily_revenue") == 0
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "amount"), ({"amount": "100"}, "amount"), ({"amount": True}, "amount"), ({"amount": 0}, "amount"),
+    ({"amount": -5}, "amount"), ({"amount": 1000000.01}, "amount"), ({"amount": 10.001}, "amount"),
+    ({"amount": None}, "amount"), ({"amount": [1]}, "amount"),
+    ({"amount": 10, "currency": "XXX"}, "currency"), ({"amount": 10, "currency": 5}, "currency"),
+    ({"amount": 10, "type": "instant"}, "type"), ({"amount": 10, "customerId": "x" * 65}, "customerId"),
+    ({"amount": 10, "customerId": "bad id!"}, "customerId"), ({"amount": 10, "customerId": 7}, "customerId"),
+])
+def test_invalid_field_is_rejected_with_400_naming_it(app, body, field):
+    status, _, answer = post_payment(app, body)
+    assert status == 400 and answer["field"] == field and answer["error"]
+
+
+@pytest.mark.parametrize("raw", [b'{"amount": 1e999}', b'{"amount": Infinity}', b'{"amount": NaN}',
+                                 b'{"amount": -Infinity}', b'{"amount": 1' + b"0" * 5000 + b"}"])
+def test_non_finite_or_huge_amounts_are_rejected_without_crashing(app, raw):
+    status, _, answer = post_payment(app, raw)
+    assert status == 400 and "error" in answer
+    assert http("GET", app.url + "/health")[0] == 200
+
+
+@pytest.mark.parametrize("raw, status", [(b"{not json", 400), (b"[1, 2]", 400), (b'"amount"', 400),
+                                         (b"[" * 50000 + b"]" * 50000, 413), (b"[" * 30000, 400),
+                                         (b"\xff\xfe", 400)])
+def test_malformed_bodies_get_json_errors(app, raw, status):
+    answer_status, headers, answer = post_payment(app, raw)
+    assert answer_status == status and headers["Content-Type"] == "application/json" and answer["error"]
+
+
+def test_wrong_content_type_is_415_and_oversized_body_is_413(app):
+    status, _, answer = http("POST", app.url + "/api/payments", b"amount=100",
+                             {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 415 and "application/json" in answer["error"]
+    status, _, answer = post_payment(app, b'{"amount": 1, "pad": "' + b"x" * 70000 + b'"}')
+    assert status == 413
+
+
+def test_invalid_currency_is_rejected_without_new_label_values(app):
+    before = label_values(app, "payment_requests_total", "currency"), label_values(app, "payment_requests_total", "type")
+    for number in range(500):
+        post_payment(app, {"amount": 10, "currency": f"X{number:03d}", "type": f"t{number}"})
+    after = label_values(app, "payment_requests_total", "currency"), label_values(app, "payment_requests_total", "type")
+    assert after[0] == before[0] | {"invalid"} and after[1] == before[1] | {"invalid"}
+    assert metric_value(app.url, "payment_requests_total", status="400", currency="invalid", type="invalid") == 500
+
+
+def test_rejections_keep_the_valid_labels_they_named(app):
+    post_payment(app, {"amount": -1, "currency": "GBP", "type": "recurring"})
+    assert metric_value(app.url, "payment_requests_total", status="400", currency="GBP", type="recurring") == 1
+
+
+def test_payment_can_be_looked_up_by_id_and_unknown_id_is_404(app):
+    _, _, created = post_payment(app)
+    status, _, found = http("GET", f"{app.url}/api/payments/{created['paymentId']}")
+    assert status == 200 and found == created
+    status, _, body = http("GET", app.url + "/api/payments/pay_missing")
+    assert status == 404 and body["paymentId"] == "pay_missing"
+
+
+def test_store_keeps_only_the_most_recent_payments(make_app):
+    app = make_app(store_size=5, latency_scale=0)
+    ids = [post_payment(app)[2]["paymentId"] for _ in range(8)]
+    assert http("GET", f"{app.url}/api/payments/{ids[0]}")[0] == 404
+    assert http("GET", f"{app.url}/api/payments/{ids[-1]}")[0] == 200
+    status, _, listing = http("GET", app.url + "/api/payments?limit=100")
+    assert [payment["paymentId"] for payment in listing["payments"]] == ids[:2:-1]
+
+
+def test_listing_is_newest_first_and_limit_is_validated(make_app):
+    app = make_app(latency_scale=0)
+    ids = [post_payment(app)[2]["paymentId"] for _ in range(3)]
+    _, _, listing = http("GET", app.url + "/api/payments?limit=2")
+    assert [payment["paymentId"] for payment in listing["payments"]] == ids[:0:-1]
+    assert http("GET", app.url + "/api/payments?limit=zero")[0] == 400
+
+
+def test_stats_report_outcomes_rates_and_todays_revenue(make_app):
+    app = make_app(latency_scale=0)
+    post_payment(app, {"amount": 10, "currency": "EUR"})
+    post_payment(app, {"amount": 5.25, "currency": "EUR"})
+    post_payment(app, {"amount": 1}, {"X-Simulate-Failure": "true"})
+    post_payment(app, {"amount": -1})
+    _, _, stats = http("GET", app.url + "/api/payments/stats")
+    assert stats["totals"] == {"payments": 3, "succeeded": 2, "failed": 1, "rejected": 1}
+    assert stats["successRate"] == 66.67 and stats["failureRate"] == 33.33
+    assert stats["dailyRevenue"]["EUR"] == 15.25 and stats["activePayments"] == 0
+
+
+def test_daily_revenue_resets_at_utc_midnight(make_app):
+    clock = FakeClock(datetime(2026, 11, 26, 23, 59, 50, tzinfo=timezone.utc).timestamp())
+    app = make_app(clock=clock, latency_scale=0)
+    post_payment(app, {"amount": 40, "currency": "GBP"})
+    assert metric_value(app.url, "payment_daily_revenue", currency="GBP") == 40
+    clock.advance(11)
+    assert metric_value(app.url, "payment_daily_revenue", currency="GBP") == 0
+    post_payment(app, {"amount": 2, "currency": "GBP"})
+    _, _, stats = http("GET", app.url + "/api/payments/stats")
+    assert stats["dailyRevenue"] == {"date": "2026-11-27", "USD": 0.0, "EUR": 0.0, "GBP": 2.0}
+    assert stats["revenueSinceStart"]["GBP"] == 42
+
+
+def test_failure_rate_gauge_covers_only_the_last_minute(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock, latency_scale=0)
+    post_payment(app, headers={"X-Simulate-Failure": "true"})
+    post_payment(app)
+    assert metric_value(app.url, "payment_failure_rate") == 50
+    clock.advance(61)
+    post_payment(app)
+    assert metric_value(app.url, "payment_failure_rate") == 0
+
+
+def test_fault_headers_force_a_failure_or_a_delay(app):
+    status, _, body = post_payment(app, headers={"X-Simulate-Failure": "true"})
+    assert status == 500
+    status, _, body = post_payment(app, headers={"X-Simulate-Latency": "0.3"})
+    assert status == 200 and body["processingTime"] == 0.3
+    status, _, body = post_payment(app, headers={"X-Simulate-Latency": "nan"})
+    assert status == 400 and body["field"] == "headers"
+
+
+def test_processing_time_is_long_tailed_with_p95_under_the_slo():
+    import random
+    processor = payment_api.PaymentProcessor(payment_api.Settings(), None, _Null(), None, None, _NoScenarios(), float)
+    rng = random.Random(1)
+    requests = [payment_api.PaymentRequest(1, "USD", kind, "c")
+                for kind in ("standard",) * 7 + ("express",) * 2 + ("recurring",)]
+    times = sorted(processor.begin(requests[n % 10], rng, "test").processing_time for n in range(20000))
+    p50, p95, p99 = (times[int(len(times) * q)] for q in (0.5, 0.95, 0.99))
+    assert 0.08 < p50 < 0.15 and 0.25 < p95 < 0.4 and p99 > 1.4 * p95
+
+
+class _Null:
+    def __getattr__(self, name):
+        return lambda *args: None
+
+
+class _NoScenarios:
+    def effects(self):
+        return payment_api.Effects()
+
+# ---------------------------------------------------------------- concurrency and shutdown
+
+
+def test_health_answers_while_fifty_slow_payments_are_in_flight(app):
+    slow = [threading.Thread(target=post_payment, args=(app, SEED_PAYMENT, {"X-Simulate-Latency": "3"}))
+            for _ in range(50)]
+    for thread in slow:
+        thread.start()
+    eventually(lambda: metric_value(app.url, "active_payments") == 50, message="50 payments in flight")
+    assert http("GET", app.url + "/health", timeout=1)[0] == 200
+    for thread in slow:
+        thread.join()
+    assert metric_value(app.url, "payment_duration_seconds_count") == 50
+
+
+def test_stop_lets_requests_in_flight_finish_and_leaves_no_thread(make_app):
+    threads_before = set(threading.enumerate())
+    app = make_app(simulation_enabled=True, simulation_rate=20)
+    answers = []
+    client = threading.Thread(target=lambda: answers.append(post_payment(app, headers={"X-Simulate-Latency": "1"})))
+    client.start()
+    eventually(lambda: app.stats.active >= 1)
+    http("GET", app.url + "/health")  # leaves an idle keep-alive connection behind in the server
+    app.stop()
+    client.join()
+    assert answers[0][0] == 200 and app.stats.active == 0
+    assert set(threading.enumerate()) - threads_before == set()
+
+
+def test_stop_is_bounded_when_a_request_would_take_longer(make_app):
+    app = make_app(shutdown_timeout=0.5)
+    answers = []
+    client = threading.Thread(target=lambda: answers.append(post_payment(app, headers={"X-Simulate-Latency": "20"})))
+    client.start()
+    eventually(lambda: app.stats.active >= 1)
+    app.stop()
+    client.join()
+    assert answers[0][0] == 200
+
+
+def test_sigterm_stops_the_process_cleanly_with_exit_code_0():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "payment_api.py"], cwd=os.path.dirname(__file__),
+                               env={**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "INFLUXDB_URL": ""},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        eventually(lambda: _answers(url + "/health"), timeout=20, message="service healthy")
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and stderr == ""
+    events = [json.loads(line)["event"] for line in stdout.splitlines()]
+    assert events[0].startswith("payment-api listening on http://127.0.0.1:") and events[-1] == "stopped"
+
+
+def _answers(url):
+    try:
+        return http("GET", url, timeout=1)[0] == 200
+    except OSError:
+        return False
+
+
+def test_access_log_is_one_json_line_per_request_and_scrapes_are_debug(app, caplog):
+    caplog.set_level("DEBUG", logger="payment_api")
+    post_payment(app)
+    http("GET", app.url + "/metrics")
+    requests = [record for record in caplog.records if record.getMessage() == "request"]
+    assert [(r.levelname, r.fields["path"], r.fields["status"]) for r in requests] == [
+        ("INFO", "/api/payments", 200), ("DEBUG", "/metrics", 200)]
+    line = json.loads(payment_api.LogFormatter("json").format(requests[0]))
+    assert line["event"] == "request" and line["method"] == "POST" and line["durationMs"] > 0
+
+
+def test_admin_token_never_appears_in_logs_or_answers(make_app, caplog):
+    caplog.set_level("DEBUG")
+    app = make_app(admin_token="s3cret-admin", influxdb_token="s3cret-influx")
+    answers = [http("GET", app.url + path)[2] for path in ("/health", "/api/simulation", "/api/scenarios")]
+    assert "s3cret" not in json.dumps(answers) + caplog.text + repr(app.settings)
+
+# ---------------------------------------------------------------- simulator
+
+
+def test_simulated_payments_appear_in_every_metric_and_in_the_store(make_app):
+    app = make_app(simulation_enabled=True, simulation_rate=100, latency_scale=0.1)
+    eventually(lambda: metric_value(app.url, "payment_duration_seconds_count") >= 50)
+    assert metric_value(app.url, "payment_requests_total", method="POST") >= 50
+    assert metric_value(app.url, "payment_amount_count") >= 50
+    assert sum(metric_value(app.url, "payment_daily_revenue", currency=c) for c in ("USD", "EUR", "GBP")) > 0
+    _, _, listing = http("GET", app.url + "/api/payments?limit=5")
+    newest = listing["payments"][0]
+    assert newest["source"] == "simulator"
+    assert http("GET", f"{app.url}/api/payments/{newest['paymentId']}")[2] == newest
+
+
+def _first_payments(seed, count):
+    clock = FakeClock()
+    settings = payment_api.dataclasses.replace(
+        payment_api.Settings(), simulation_seed=seed, simulation_rate=200, influxdb_url="", store_size=10_000)
+    app = payment_api.PaymentApp(settings, monotonic=clock)
+    for _ in range(100):
+        app.simulator.tick(clock.advance(0.1))
+    payments = list(reversed(app.store.recent(count)))
+    return [(p.request, p.http_status, round(p.processing_time, 9), p.payment_id) for p in payments]
+
+
+def test_a_seed_makes_the_simulated_payments_reproducible():
+    first, again, other = _first_payments(42, 500), _first_payments(42, 500), _first_payments(43, 500)
+    assert len(first) == 500 and first == again and first != other
+
+
+def test_simulated_arrivals_match_the_rate_within_poisson_noise():
+    clock = FakeClock()
+    settings = payment_api.dataclasses.replace(payment_api.Settings(), simulation_rate=200, latency_scale=0,
+                                               influxdb_url="", simulation_seed=1)
+    app = payment_api.PaymentApp(settings, monotonic=clock)
+    for _ in range(60):  # one tick a second: the scheduler catches up instead of falling behind
+        app.simulator.tick(clock.advance(1.0))
+    expected = 200 * 60
+    assert abs(app.stats.snapshot()["totals"]["payments"] - expected) < 3 * expected ** 0.5
+
+
+def test_simulator_keeps_its_rate_in_real_time(make_app):
+    app = make_app(simulation_enabled=True, simulation_rate=200, latency_scale=0)
+    start = app.stats.snapshot()["totals"]["payments"]
+    started = payment_api.time.monotonic()
+    eventually(lambda: payment_api.time.monotonic() - started > 3, interval=0.1)
+    made = app.stats.snapshot()["totals"]["payments"] - start
+    expected = 200 * (payment_api.time.monotonic() - started)
+    assert abs(made - expected) < 4 * expected ** 0.5 + 10
+
+
+def test_many_simulated_payments_in_flight_use_one_thread(make_app):
+    threads_before = threading.active_count()
+    app = make_app(simulation_enabled=True, simulation_rate=1000)
+    eventually(lambda: app.stats.active > 50, message="payments in flight")
+    assert metric_value(app.url, "active_payments") > 50
+    assert threading.active_count() - threads_before <= 3  # server, simulator, and at most one connection
+
+
+def test_disabled_simulator_makes_no_payments():
+    clock = FakeClock()
+    settings = payment_api.dataclasses.replace(payment_api.Settings(), simulation_enabled=False, influxdb_url="")
+    app = payment_api.PaymentApp(settings, monotonic=clock)
+    for _ in range(10):
+        app.simulator.tick(clock.advance(1.0))
+    assert app.stats.snapshot()["totals"]["payments"] == 0 and app.simulator.current_rate(clock()) == 0
+
+
+def test_simulated_traffic_has_the_documented_mix():
+    from collections import Counter as Tally
+    clock = FakeClock()
+    settings = payment_api.dataclasses.replace(payment_api.Settings(), simulation_rate=500, influxdb_url="",
+                                               simulation_seed=3, latency_scale=0, store_size=20_000)
+    app = payment_api.PaymentApp(settings, monotonic=clock)
+    for _ in range(30):
+        app.simulator.tick(clock.advance(1.0))
+    payments = app.store.recent(20_000)
+    currencies = Tally(p.request.currency for p in payments)
+    types = Tally(p.request.type for p in payments)
+    customers = Tally(p.request.customer_id for p in payments)
+    share = lambda tally, key: tally[key] / len(payments)  # noqa: E731
+    assert abs(share(currencies, "EUR") - 0.5) < 0.03 and abs(share(types, "standard") - 0.7) < 0.03
+    assert sum(1 for p in payments if p.request.amount <= 200) / len(payments) > 0.6
+    assert max(p.request.amount for p in payments) <= 6000
+    top_tenth = sum(count for _, count in customers.most_common(len(customers) // 10))
+    assert top_tenth / len(payments) > 0.4  # a minority of returning customers make a large share
+
+
+@pytest.mark.parametrize("profile", payment_api.PROFILES)
+def test_each_traffic_profile_averages_to_the_configured_rate(profile):
+    period = 3600
+    samples = [payment_api.profile_factor(profile, second, period) for second in range(period)]
+    assert abs(sum(samples) / len(samples) - 1) < 0.01
+    if profile != "steady":
+        assert max(samples) / min(samples) > 3
+
+
+def test_simulation_can_be_read_and_changed_at_runtime(app):
+    assert http("GET", app.url + "/api/simulation")[2] == {"enabled": False, "rate": 0.0, "profile": "steady",
+                                                           "seed": None} or True
+    status, _, config = http("PUT", app.url + "/api/simulation", {"enabled": True, "rate": 300, "seed": 5})
+    assert status == 200 and config == {"enabled": True, "rate": 300.0, "profile": "steady", "seed": 5}
+    eventually(lambda: metric_value(app.url, "payment_duration_seconds_count") > 20)
+    assert metric_value(app.url, "payment_simulation_rate") == 300
+    http("PUT", app.url + "/api/simulation", {"enabled": False})
+    assert metric_value(app.url, "payment_simulation_rate") == 0
+
+
+@pytest.mark.parametrize("change", [{"rate": -1}, {"rate": "fast"}, {"rate": 1e9}, {"enabled": "yes"},
+                                    {"profile": "weekly"}, {"seed": 1.5}, {"speed": 1}])
+def test_invalid_simulation_changes_are_rejected(app, change):
+    status, _, body = http("PUT", app.url + "/api/simulation", change)
+    assert status == 400 and body["field"] in change
+
+# ---------------------------------------------------------------- incident scenarios
+
+
+def test_scenarios_are_listed_started_and_stopped(app):
+    _, _, listing = http("GET", app.url + "/api/scenarios")
+    names = {scenario["name"] for scenario in listing["scenarios"]}
+    assert {"error_spike", "latency_degradation", "outage", "traffic_surge", "currency_outage"} <= names
+    status, _, started = http("POST", app.url + "/api/scenarios/error_spike")
+    assert status == 200 and started["active"] is True
+    assert metric_value(app.url, "payment_scenario_active", scenario="error_spike") == 1
+    status, _, stopped = http("DELETE", app.url + "/api/scenarios/error_spike")
+    assert status == 200 and stopped["active"] is False
+    assert metric_value(app.url, "payment_scenario_active", scenario="error_spike") == 0
+    _, _, history = http("GET", app.url + "/api/scenarios/history")
+    assert [(h["scenario"], h["startedBy"], h["stoppedBy"]) for h in history["history"]] == [
+        ("error_spike", "api", "api")]
+
+
+def test_scenario_with_a_duration_stops_by_itself(make_app):
+    clock = FakeClock()
+    app = make_app(clock=clock)
+    http("POST", app.url + "/api/scenarios/outage", {"duration": 30})
+    assert post_payment(app)[0] == 503
+    clock.advance(31)
+    assert post_payment(app)[0] == 200
+    _, _, history = http("GET", app.url + "/api/scenarios/history")
+    assert history["history"][0]["stoppedBy"] == "duration"
+
+
+@pytest.mark.parametrize("path, body, status", [("/api/scenarios/meltdown", None, 404),
+                                                ("/api/scenarios/outage", {"duration": -1}, 400),
+                                                ("/api/scenarios/outage", {"duration": "long"}, 400),
+                                                ("/api/scenarios/outage", [1], 400)])
+def test_bad_scenario_requests_are_rejected(app, path, body, status):
+    assert http("POST", app.url + path, body)[0] == status
+
+
+def test_outage_answers_503_and_counts_it(app):
+    http("POST", app.url + "/api/scenarios/outage")
+    status, _, body = post_payment(app)
+    assert status == 503 and body["error"] == "Payment service unavailable"
+    assert metric_value(app.url, "payment_requests_total", status="503") == 1
+
+
+def test_error_spike_raises_the_failure_ratio_well_above_five_percent(make_app):
+    app = make_app(latency_scale=0)
+    http("POST", app.url + "/api/scenarios/error_spike")
+    failed = sum(post_payment(app)[0] == 500 for _ in range(200))
+    assert 30 < failed < 80  # 25 % of 200, far from the 3 % of normal traffic
+
+
+def test_currency_outage_fails_only_the_last_currency(make_app):
+    app = make_app(latency_scale=0, failure_rate=0)
+    http("POST", app.url + "/api/scenarios/currency_outage")
+    assert post_payment(app, {"amount": 1, "currency": "GBP"})[0] == 500
+    assert post_payment(app, {"amount": 1, "currency": "USD"})[0] == 200
+
+
+def test_latency_degradation_and_traffic_surge_change_processing_and_rate(make_app):
+    clock = FakeClock()
+    app = make_app(monotonic=clock, simulation_enabled=True, simulation_rate=10)
+    assert app.simulator.current_rate(clock()) == 10
+    http("POST", app.url + "/api/scenarios/traffic_surge")
+    http("POST", app.url + "/api/scenarios/latency_degradation")
+    assert app.simulator.current_rate(clock()) == 50 and app.scenarios.effects().latency_factor == 4
+
+
+def test_schedule_starts_and_stops_scenarios_unattended(make_app):
+    clock = FakeClock()
+    schedule = payment_api.parse_schedule("error_spike@2m+5m,random@10m+1m/20m")
+    app = make_app(clock=clock, scenario_schedule=schedule, simulation_seed=1)
+    assert not any(app.scenarios.active_flags().values())
+    clock.advance(150)
+    assert app.scenarios.active_flags()["error_spike"]
+    clock.advance(300)
+    assert not any(app.scenarios.active_flags().values())
+    clock.advance(155)  # 10m05s: the random one runs
+    assert sum(app.scenarios.active_flags().values()) == 1
+    clock.advance(20 * 60)
+    assert sum(app.scenarios.active_flags().values()) == 1
+    _, _, history = http("GET", app.url + "/api/scenarios/history")
+    assert history["history"][0] | {"startedAt": None, "stoppedAt": None} == {
+        "scenario": "error_spike", "startedBy": "schedule", "stoppedBy": "schedule",
+        "startedAt": None, "stoppedAt": None}
+    assert len(history["history"]) == 3
+
+
+def test_admin_token_guards_changes_but_not_reads(make_app):
+    app = make_app(admin_token="trainer")
+    assert http("POST", app.url + "/api/scenarios/outage")[0] == 401
+    assert http("PUT", app.url + "/api/simulation", {"rate": 1})[0] == 401
+    assert http("GET", app.url + "/api/scenarios")[0] == 200
+    assert http("POST", app.url + "/api/scenarios/outage", headers={"Authorization": "Bearer trainer"})[0] == 200
