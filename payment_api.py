@@ -33,13 +33,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
-try:  # optional extra: without it the service runs with InfluxDB export off
-    from influxdb_client import InfluxDBClient, Point, WritePrecision
-    from influxdb_client.client.write_api import WriteOptions
-    from reactivex.scheduler import EventLoopScheduler
-except ImportError:
-    InfluxDBClient = None
-
 VERSION = "1.0.0"
 log = logging.getLogger("payment_api")
 
@@ -123,7 +116,8 @@ class Settings:
                                 parse_currencies)
     store_size: int = setting(10_000, "STORE_SIZE", "how many recent payments GET /api/payments/{id} can find",
                               parse_positive_int)
-    failure_rate: float = setting(0.03, "PAYMENT_FAILURE_RATE", "probability that a payment fails with HTTP 500",
+    failure_rate: float = setting(0.03, "PAYMENT_FAILURE_RATE", "probability that a payment fails with HTTP 500 "
+                                  "(the payment_failure_rate gauge shows the failed percentage over the last 60 s)",
                                   parse_probability)
     latency_scale: float = setting(1.0, "PAYMENT_LATENCY_SCALE",
                                    "multiplies simulated processing time (0 = no delay, for load tests)",
@@ -160,36 +154,39 @@ class Settings:
     @classmethod
     def load(cls, argv=(), environ=os.environ):
         """Settings from CLI flags, then environment variables, then defaults; SettingsError names a bad one."""
+        specs = [spec for spec in dataclasses.fields(cls) if "env" in spec.metadata]
         parser = argparse.ArgumentParser(prog="payment_api.py", description=__doc__.splitlines()[0])
-        for spec in dataclasses.fields(cls):
-            if "env" in spec.metadata:
-                shown = "" if spec.metadata["env"].endswith("TOKEN") else f", default {format_setting(spec.default)}"
-                parser.add_argument("--" + spec.name.replace("_", "-"), metavar=spec.metadata["env"],
-                                    help=f"{spec.metadata['help']} (env {spec.metadata['env']}{shown})")
+        for spec in specs:
+            parser.add_argument(flag(spec), metavar=spec.metadata["env"], help=describe(spec))
         flags = vars(parser.parse_args(list(argv)))
         values, warnings = {}, []
-        for spec in dataclasses.fields(cls):
-            if "env" not in spec.metadata:
+        for spec in specs:
+            names = (spec.metadata["env"], *spec.metadata["aliases"])
+            given = [(flag(spec), flags[spec.name])] if flags[spec.name] is not None else [
+                (name, environ[name]) for name in names if name in environ]
+            if not given:
                 continue
-            names = (spec.metadata["env"],) + spec.metadata["aliases"]
-            text = flags[spec.name]
-            name = "--" + spec.name.replace("_", "-")
-            if text is None:
-                name, text = next(((n, environ[n]) for n in names if n in environ), (None, None))
-            if text is None:
-                continue
+            name, text = given[0]
             try:
                 values[spec.name] = spec.metadata["parse"](text)
             except ValueError as error:
-                message = f"{name}={text!r}: {error}"
                 if not spec.metadata["lenient"]:
-                    raise SettingsError(message) from None
-                warnings.append(f"{message}; using the default {spec.default}")
+                    raise SettingsError(f"{name}={text!r}: {error}") from None
+                warnings.append(f"{name}={text!r}: {error}; using the default {spec.default}")
         return cls(**values, warnings=tuple(warnings))
 
 
-def format_setting(value):
-    return ",".join(value) if isinstance(value, tuple) else value
+def flag(spec):
+    return "--" + spec.name.replace("_", "-")
+
+
+def describe(spec):
+    """--help text of a setting: meaning, variable (and older alias), default (hidden for secrets)."""
+    names = " or ".join((spec.metadata["env"], *spec.metadata["aliases"]))
+    default = spec.default
+    shown = ",".join(default) if isinstance(default, tuple) else str(default).lower() if default is not None else ""
+    return f"{spec.metadata['help']} (env {names}" + ("" if not spec.repr else f", default {shown or 'none'}") + ")"
+
 
 # ---------------------------------------------------------------- payments and request validation
 
@@ -485,7 +482,7 @@ class PaymentMetrics:
                                     registry=registry)
         for payment_type in PAYMENT_TYPES:  # series exist from the first scrape, so rate() works at once
             for currency in currencies:
-                for status in ("200", "500"):
+                for status in ("200", "500", "503"):
                     self.requests.labels("POST", status, payment_type, currency)
         for outcome in ("success", "failed"):
             self.duration.labels(outcome)
@@ -580,7 +577,10 @@ class InfluxExporter:
     """
 
     def __init__(self, settings, metrics):
-        self.settings, self.metrics = settings, metrics
+        from influxdb_client import InfluxDBClient, Point, WritePrecision
+        from influxdb_client.client.write_api import WriteOptions
+        from reactivex.scheduler import EventLoopScheduler
+        self.settings, self.metrics, self._point, self._precision = settings, metrics, Point, WritePrecision.NS
         self.state = "connecting"
         self._pending = 0
         self._lock = threading.Lock()
@@ -598,12 +598,12 @@ class InfluxExporter:
 
     def export(self, payment):
         request = payment.request
-        point = (Point("payment").tag("status", "success" if payment.succeeded else "failed")
+        point = (self._point("payment").tag("status", "success" if payment.succeeded else "failed")
                  .tag("currency", request.currency).tag("payment_type", request.type)
                  .tag("customer_id", request.customer_id)
                  .field("amount", float(request.amount)).field("processing_time", payment.processing_time)
                  .field("payment_id", payment.payment_id)
-                 .time(int(payment.completed_at * 1e9), WritePrecision.NS))
+                 .time(int(payment.completed_at * 1e9), self._precision))
         with self._lock:
             if self._pending >= self.settings.influxdb_buffer_size:
                 self.metrics.influx_dropped.labels("buffer_full").inc()
@@ -663,7 +663,9 @@ class InfluxExporter:
 def make_exporter(settings, metrics):
     if not settings.influxdb_url:
         return DisabledExporter("INFLUXDB_URL is empty")
-    if InfluxDBClient is None:
+    try:  # an optional extra, imported only when used (it takes longer to import than the rest of the service)
+        import influxdb_client  # noqa: F401
+    except ImportError:
         return DisabledExporter("the influxdb-client package is not installed")
     return InfluxExporter(settings, metrics)
 
