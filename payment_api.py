@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -78,6 +79,23 @@ def parse_bool(text):
     return words[text.strip().lower()]
 
 
+PROFILES = ("steady", "diurnal", "bursty")  # traffic shapes, see the simulator
+MAX_SIMULATION_RATE = 5000.0  # payments per second; a traffic_surge multiplies it by 5
+
+
+def parse_simulation_rate(text):
+    rate = parse_non_negative(text)
+    if rate > MAX_SIMULATION_RATE:
+        raise ValueError(f"must be at most {MAX_SIMULATION_RATE:g} payments per second")
+    return rate
+
+
+def parse_url(text):
+    if text and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", text):
+        raise ValueError("must be an http:// or https:// URL, or empty")
+    return text
+
+
 def parse_optional_int(text):
     return int(text) if text.strip() else None
 
@@ -124,9 +142,9 @@ class Settings:
                                    parse_non_negative)
     simulation_enabled: bool = setting(True, "ENABLE_SIMULATION", "run the built-in traffic simulator", parse_bool)
     simulation_rate: float = setting(5.0, "SIMULATION_RATE", "simulated payments per second (0 = off)",
-                                     parse_non_negative, aliases=("PAYMENT_SIMULATION_RATE",))
-    simulation_profile: str = setting("steady", "SIMULATION_PROFILE", "traffic shape: steady, diurnal or bursty",
-                                      one_of("steady", "diurnal", "bursty"))
+                                     parse_simulation_rate, aliases=("PAYMENT_SIMULATION_RATE",))
+    simulation_profile: str = setting("steady", "SIMULATION_PROFILE", "traffic shape: " + ", ".join(PROFILES),
+                                      one_of(*PROFILES))
     simulation_period: float = setting(3600.0, "SIMULATION_PERIOD", "length in seconds of one diurnal 'day'",
                                        parse_non_negative)
     simulation_seed: int = setting(None, "SIMULATION_SEED", "makes simulated payments reproducible (empty = random)",
@@ -138,7 +156,8 @@ class Settings:
                                "'Authorization: Bearer <token>'", secret=True)
     shutdown_timeout: float = setting(8.0, "SHUTDOWN_TIMEOUT", "seconds to finish requests and InfluxDB writes on stop",
                                       parse_non_negative)
-    influxdb_url: str = setting("http://influxdb:8086", "INFLUXDB_URL", "InfluxDB 2 URL (empty = export off)")
+    influxdb_url: str = setting("http://influxdb:8086", "INFLUXDB_URL", "InfluxDB 2 URL (empty = export off)",
+                                parse_url)
     influxdb_token: str = setting("training-token-change-me", "INFLUXDB_TOKEN", "InfluxDB API token", secret=True)
     influxdb_org: str = setting("data2ai", "INFLUXDB_ORG", "InfluxDB organization")
     influxdb_bucket: str = setting("training", "INFLUXDB_BUCKET", "InfluxDB bucket")
@@ -192,10 +211,12 @@ def describe(spec):
 
 
 PAYMENT_TYPES = ("standard", "express", "recurring")
+OUTCOME_STATUSES = ("200", "500", "503")  # completed, failed, refused during an outage
 INVALID = "invalid"  # the one label value that stands for anything a client invents
 MAX_AMOUNT = Decimal("1000000")
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CUSTOMER_POOL = 1000
+POOL_CUSTOMER = re.compile(r"cust_[0-9]{5}")  # ids InfluxDB may tag; any other is tagged "other" (bounded series)
 MAX_BODY_BYTES = 64 * 1024
 
 
@@ -234,6 +255,10 @@ class LengthRequired(ClientError):
     status = 411
 
 
+class RequestTimeout(ClientError):
+    status = 408
+
+
 class PayloadTooLarge(ClientError):
     status = 413
 
@@ -262,6 +287,14 @@ class PaymentRequest:
     customer_id: str
 
 
+def known_currency(value, currencies):
+    return value.upper() if isinstance(value, str) and value.upper() in currencies else None
+
+
+def known_type(value):
+    return value.lower() if isinstance(value, str) and value.lower() in PAYMENT_TYPES else None
+
+
 def validate_payment(document, currencies, rng):
     """The PaymentRequest a JSON body asks for, or InvalidField naming the first field that is wrong."""
     if not isinstance(document, dict):
@@ -276,29 +309,26 @@ def validate_payment(document, currencies, rng):
         raise InvalidField("amount", f"amount must be greater than 0 and at most {MAX_AMOUNT}")
     if amount != amount.quantize(Decimal("0.01")):
         raise InvalidField("amount", "amount must have at most 2 decimals")
-    currency = document.get("currency", "USD")
-    if not isinstance(currency, str) or currency.upper() not in currencies:
+    currency = known_currency(document.get("currency", "USD"), currencies)
+    if currency is None:
         raise InvalidField("currency", "currency must be one of " + ", ".join(currencies))
-    payment_type = document.get("type", "standard")
-    if not isinstance(payment_type, str) or payment_type.lower() not in PAYMENT_TYPES:
+    payment_type = known_type(document.get("type", "standard"))
+    if payment_type is None:
         raise InvalidField("type", "type must be one of " + ", ".join(PAYMENT_TYPES))
     customer_id = document.get("customerId")
     if customer_id is None:
         customer_id = f"cust_{rng.randrange(1, CUSTOMER_POOL + 1):05d}"
     elif not isinstance(customer_id, str) or not CUSTOMER_ID.fullmatch(customer_id):
         raise InvalidField("customerId", "customerId must be 1-64 characters of A-Z, a-z, 0-9, _ and -")
-    return PaymentRequest(amount.quantize(Decimal("0.01")), currency.upper(), payment_type.lower(), customer_id)
+    return PaymentRequest(amount.quantize(Decimal("0.01")), currency, payment_type, customer_id)
 
 
 def label_values(document, currencies):
     """(type, currency) label values for a request: what it named if valid, else INVALID; never a new value."""
     if not isinstance(document, dict):
         return INVALID, INVALID
-    payment_type, currency = document.get("type", "standard"), document.get("currency", "USD")
-    payment_type = payment_type.lower() if isinstance(payment_type, str) else None
-    currency = currency.upper() if isinstance(currency, str) else None
-    return (payment_type if payment_type in PAYMENT_TYPES else INVALID,
-            currency if currency in currencies else INVALID)
+    return (known_type(document.get("type", "standard")) or INVALID,
+            known_currency(document.get("currency", "USD"), currencies) or INVALID)
 
 
 @dataclass
@@ -307,7 +337,6 @@ class Payment:
     payment_id: str
     request: PaymentRequest
     source: str  # "api" or "simulator"
-    created_at: float
     processing_time: float
     http_status: int  # 200 completed, 500 failed, 503 service unavailable (outage)
     completed_at: float = None
@@ -321,7 +350,7 @@ class Payment:
                 "status": "completed" if self.succeeded else "failed",
                 "amount": float(self.request.amount), "currency": self.request.currency,
                 "type": self.request.type, "customerId": self.request.customer_id,
-                "timestamp": iso_utc(self.completed_at or self.created_at),
+                "timestamp": iso_utc(self.completed_at),
                 "processingTime": round(self.processing_time, 4), "source": self.source}
         if not self.succeeded:
             body["error"] = "Payment processing failed" if self.http_status == 500 else "Payment service unavailable"
@@ -368,7 +397,7 @@ class PaymentStats:
         self._counts = {"succeeded": 0, "failed": 0, "rejected": 0}
         self._revenue_total = dict.fromkeys(currencies, Decimal(0))
         self._day, self._daily_revenue = None, {}
-        self._recent = deque()  # [second, processed, failed], oldest first
+        self._recent = {}  # second -> [completed, failed], for the last WINDOW_SECONDS
         self.active = 0
 
     def record_start(self):
@@ -384,10 +413,15 @@ class PaymentStats:
                 self._daily_revenue[payment.request.currency] += payment.request.amount
                 self._revenue_total[payment.request.currency] += payment.request.amount
             second = int(payment.completed_at)
-            if not self._recent or self._recent[-1][0] != second:
-                self._recent.append([second, 0, 0])
-            self._recent[-1][1] += 1
-            self._recent[-1][2] += not payment.succeeded
+            if second not in self._recent:
+                self._forget_before(second - self.WINDOW_SECONDS)
+                self._recent[second] = [0, 0]
+            self._recent[second][0] += 1
+            self._recent[second][1] += not payment.succeeded
+
+    def _forget_before(self, oldest_second):
+        for second in [second for second in self._recent if second <= oldest_second]:
+            del self._recent[second]
 
     def record_rejection(self):
         with self._lock:
@@ -395,7 +429,7 @@ class PaymentStats:
 
     def _roll_day(self, now):
         day = datetime.fromtimestamp(now, timezone.utc).date()
-        if day != self._day:
+        if self._day is None or day > self._day:  # never back: a late payment from 23:59:59 keeps today's total
             self._day, self._daily_revenue = day, dict.fromkeys(self.currencies, Decimal(0))
 
     def daily_revenue(self):
@@ -406,11 +440,10 @@ class PaymentStats:
     def recent_failure_rate(self):
         """Percentage of the payments completed in the last WINDOW_SECONDS that failed (0 when there were none)."""
         with self._lock:
-            oldest = int(self._clock()) - self.WINDOW_SECONDS
-            while self._recent and self._recent[0][0] <= oldest:
-                self._recent.popleft()
-            processed = sum(entry[1] for entry in self._recent)
-            return 100.0 * sum(entry[2] for entry in self._recent) / processed if processed else 0.0
+            self._forget_before(int(self._clock()) - self.WINDOW_SECONDS)
+            completed = sum(counts[0] for counts in self._recent.values())
+            failed = sum(counts[1] for counts in self._recent.values())
+            return 100.0 * failed / completed if completed else 0.0
 
     def snapshot(self):
         failure_rate, daily_revenue = self.recent_failure_rate(), self.daily_revenue()
@@ -457,9 +490,9 @@ class PaymentMetrics:
         self.requests = Counter("payment_requests_total", "Payment requests by HTTP method, status code, payment "
                                 "type and currency ('invalid' for values a client invented)",
                                 ["method", "status", "type", "currency"], registry=registry)
-        self.amount = Histogram("payment_amount", "Payment amounts by currency and outcome",
+        self.amount = Histogram("payment_amount", "Payment amounts by currency and outcome (status: success or failed)",
                                 ["currency", "status"], buckets=AMOUNT_BUCKETS, registry=registry)
-        self.duration = Histogram("payment_duration_seconds", "Payment processing time by outcome",
+        self.duration = Histogram("payment_duration_seconds", "Payment processing time by outcome (status: success or failed)",
                                   ["status"], buckets=DURATION_BUCKETS, registry=registry)
         Gauge("active_payments", "Payments being processed right now", registry=registry).set_function(
             lambda: stats.active)
@@ -482,7 +515,7 @@ class PaymentMetrics:
                                     registry=registry)
         for payment_type in PAYMENT_TYPES:  # series exist from the first scrape, so rate() works at once
             for currency in currencies:
-                for status in ("200", "500", "503"):
+                for status in OUTCOME_STATUSES:
                     self.requests.labels("POST", status, payment_type, currency)
         for outcome in ("success", "failed"):
             self.duration.labels(outcome)
@@ -509,7 +542,7 @@ class Fault:
 
 MEDIAN_PROCESSING_SECONDS = {"standard": 0.12, "express": 0.06, "recurring": 0.20}
 LATENCY_SIGMA = 0.55  # log-normal spread: p95 about 0.33 s, p99 about 0.5 s across the type mix
-SLOW_TAIL = (0.01, 4.0)  # 1 % of payments meet a slow bank and take 4 times as long
+SLOW_BANK_SHARE, SLOW_BANK_FACTOR = 0.01, 4.0  # 1 % of payments meet a slow bank and take 4 times as long
 MAX_PROCESSING_SECONDS = 30.0
 
 
@@ -523,12 +556,12 @@ class PaymentProcessor:
     def begin(self, request, rng, source, fault=Fault()):
         """Decide outcome and processing time (the caller waits that long, then calls finish)."""
         effects = self.scenarios.effects()
-        payment_id = f"pay_{rng.getrandbits(64):016x}"
-        processing_time = (MEDIAN_PROCESSING_SECONDS[request.type] * math.exp(rng.gauss(0, LATENCY_SIGMA))
-                           * (SLOW_TAIL[1] if rng.random() < SLOW_TAIL[0] else 1.0)
+        processing_time = (rng.lognormvariate(math.log(MEDIAN_PROCESSING_SECONDS[request.type]), LATENCY_SIGMA)
+                           * (SLOW_BANK_FACTOR if rng.random() < SLOW_BANK_SHARE else 1.0)
                            * self.settings.latency_scale * effects.latency_factor)
         failure_rate = self.settings.failure_rate if effects.failure_rate is None else effects.failure_rate
-        fails = rng.random() < failure_rate or fault.fail or request.currency == effects.failing_currency
+        fails = (rng.random() < failure_rate or fault.fail
+                 or (effects.fails_last_currency and request.currency == self.settings.currencies[-1]))
         if effects.outage:
             status, processing_time = 503, 0.0
         else:
@@ -536,7 +569,7 @@ class PaymentProcessor:
         if fault.latency is not None:
             processing_time = fault.latency
         self.stats.record_start()
-        return Payment(payment_id, request, source, self._clock(), min(processing_time, MAX_PROCESSING_SECONDS), status)
+        return Payment(f"pay_{secrets.token_hex(8)}", request, source, min(processing_time, MAX_PROCESSING_SECONDS), status)
 
     def finish(self, payment):
         payment.completed_at = self._clock()
@@ -586,12 +619,11 @@ class InfluxExporter:
         self._lock = threading.Lock()
         self._client = InfluxDBClient(url=settings.influxdb_url, token=settings.influxdb_token,
                                       org=settings.influxdb_org, timeout=5_000)
-        self._scheduler = EventLoopScheduler()  # one daemon thread: a hung InfluxDB cannot hold the process
+        self._scheduler = EventLoopScheduler()  # writes run on a daemon thread: a hung InfluxDB cannot hold the exit
         self._options = WriteOptions(batch_size=settings.influxdb_batch_size,
-                               flush_interval=settings.influxdb_flush_interval_ms,
-                               retry_interval=1_000, exponential_base=2, max_retry_delay=15_000, max_retries=8,
-                               max_retry_time=120_000,
-                               write_scheduler=self._scheduler)
+                                     flush_interval=settings.influxdb_flush_interval_ms,
+                                     retry_interval=1_000, exponential_base=2, max_retry_delay=15_000,
+                                     max_retries=8, max_retry_time=120_000, write_scheduler=self._scheduler)
         self._write_api = self._client.write_api(write_options=self._options, success_callback=self._written,
                                                  error_callback=self._failed, retry_callback=self._retrying)
         metrics.influx_pending.set_function(lambda: self._pending)
@@ -600,9 +632,8 @@ class InfluxExporter:
         request = payment.request
         point = (self._point("payment").tag("status", "success" if payment.succeeded else "failed")
                  .tag("currency", request.currency).tag("payment_type", request.type)
-                 .tag("customer_id", request.customer_id)
+                 .tag("customer_id", request.customer_id if POOL_CUSTOMER.fullmatch(request.customer_id) else "other")
                  .field("amount", float(request.amount)).field("processing_time", payment.processing_time)
-                 .field("payment_id", payment.payment_id)
                  .time(int(payment.completed_at * 1e9), self._precision))
         with self._lock:
             if self._pending >= self.settings.influxdb_buffer_size:
@@ -621,27 +652,24 @@ class InfluxExporter:
             self.metrics.influx_dropped.labels(outcome).inc(points)
         return points
 
-    def _set_state(self, state, error=None):
+    def _set_state(self, state, message, error=None):
+        """Log a change of state once, not once a batch."""
         if state != self.state:
-            url = self.settings.influxdb_url
-            if state == "up":
-                log.info("InfluxDB reachable again" if self.state != "connecting" else "InfluxDB reachable",
-                         extra={"fields": {"url": url}})
-            else:
-                log.warning("InfluxDB unreachable; points are kept and retried",
-                            extra={"fields": {"url": url, "error": str(error)[:200]}})
+            fields = {"url": self.settings.influxdb_url, **({"error": str(error)[:200]} if error else {})}
+            log.log(logging.INFO if state == "up" else logging.WARNING, message, extra={"fields": fields})
             self.state = state
 
     def _written(self, _conf, data):
         self._settle(data, "written")
-        self._set_state("up")
+        self._set_state("up", "InfluxDB accepts points")
 
     def _retrying(self, _conf, _data, error):
-        self._set_state("unreachable", error)
+        self._set_state("unreachable", "InfluxDB unreachable; points are kept and retried", error)
 
     def _failed(self, _conf, data, error):
         self._settle(data, "write_error")
-        self._set_state("unreachable", error)
+        self._set_state("failing", "InfluxDB refused points, or stayed unreachable too long: they are dropped "
+                        "and counted", error)
 
     def health(self):
         return {"state": self.state, "url": self.settings.influxdb_url, "bucket": self.settings.influxdb_bucket,
@@ -679,7 +707,7 @@ class Effects:
     latency_factor: float = 1.0
     outage: bool = False
     rate_factor: float = 1.0
-    failing_currency: str = None
+    fails_last_currency: bool = False
 
 
 SCENARIOS = {
@@ -688,7 +716,7 @@ SCENARIOS = {
     "outage": ("every payment is answered 503, simulated ones too", Effects(outage=True)),
     "traffic_surge": ("the simulator sends 5 times its rate", Effects(rate_factor=5.0)),
     "currency_outage": ("every payment in the last configured currency (GBP by default) fails with HTTP 500",
-                        Effects(failing_currency="last")),
+                        Effects(fails_last_currency=True)),
 }
 DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h)")
 
@@ -813,8 +841,7 @@ class ScenarioBoard:
                        latency_factor=math.prod(effect.latency_factor for effect in running),
                        outage=any(effect.outage for effect in running),
                        rate_factor=math.prod(effect.rate_factor for effect in running),
-                       failing_currency=self.settings.currencies[-1] if any(
-                           effect.failing_currency for effect in running) else None)
+                       fails_last_currency=any(effect.fails_last_currency for effect in running))
 
 # ---------------------------------------------------------------- traffic simulator
 
@@ -823,9 +850,8 @@ CURRENCY_WEIGHTS = {"EUR": 50, "USD": 30, "GBP": 20}  # other configured currenc
 TYPE_WEIGHTS = (70, 20, 10)  # standard, express, recurring
 AMOUNT_BANDS = ((0.75, 10, 200), (0.20, 200, 1000), (0.05, 1000, 6000))  # share, low, high (log-uniform)
 RETURNING_CUSTOMERS, RETURNING_SHARE = 100, 0.6  # 10 % of the pool make 60 % of payments
-PROFILES = ("steady", "diurnal", "bursty")
 BURST_EVERY, BURST_LENGTH, BURST_FACTOR = 60.0, 6.0, 4.0
-MAX_SIMULATION_RATE = 5000.0
+MAX_LAG_SECONDS = 5.0
 TICK_SECONDS = 0.005  # the scheduler sleeps at least this long, so high rates are handled in small batches
 
 
@@ -890,6 +916,8 @@ class Simulator:
             rate = self.current_rate(now)
             if self._next_arrival is None and rate > 0:
                 self._next_arrival = now + self._rng.expovariate(rate)
+            elif self._next_arrival is not None and self._next_arrival < now - MAX_LAG_SECONDS:
+                self._next_arrival = now - MAX_LAG_SECONDS  # an overloaded machine skips arrivals, never piles them up
             while self._next_arrival is not None and self._next_arrival <= now:
                 payment = self.processor.begin(self._draw_request(), self._rng, "simulator")
                 self._sequence += 1
@@ -922,15 +950,7 @@ class Simulator:
 
 
 IDLE_TIMEOUT_SECONDS = 15
-ROUTES = []  # (method, compiled path pattern, handler method name, needs admin token)
-
-
-def route(method, pattern, admin=False):
-    """Register the decorated handler method for `method` on paths matching `pattern`."""
-    def register(handler):
-        ROUTES.append((method, re.compile(pattern + r"\Z"), handler.__name__, admin))
-        return handler
-    return register
+CONTENT_LENGTH = re.compile(r"[0-9]{1,9}")
 
 
 class PaymentHandler(BaseHTTPRequestHandler):
@@ -940,15 +960,31 @@ class PaymentHandler(BaseHTTPRequestHandler):
     server_version = f"payment-api/{VERSION}"
     disable_nagle_algorithm = True  # headers and body leave together instead of meeting delayed ACKs
     timeout = IDLE_TIMEOUT_SECONDS  # idle keep-alive connections are closed after this
+    body_unread = False  # a request body we did not read: the connection must close after the answer
+
+    ROUTES = [(method, re.compile(path + r"\Z"), handler, needs_admin) for method, path, handler, needs_admin in (
+        ("GET", r"/health", "health", False),
+        ("GET", r"/metrics", "metrics", False),
+        ("POST", r"/api/payments", "create_payment", False),
+        ("GET", r"/api/payments", "list_payments", False),
+        ("GET", r"/api/payments/stats", "payment_stats", False),
+        ("GET", r"/api/payments/(?P<payment_id>[^/]+)", "get_payment", False),
+        ("GET", r"/api/simulation", "get_simulation", False),
+        ("PUT", r"/api/simulation", "put_simulation", True),
+        ("GET", r"/api/scenarios", "list_scenarios", False),
+        ("GET", r"/api/scenarios/history", "scenario_history", False),
+        ("POST", r"/api/scenarios/(?P<name>[^/]+)", "start_scenario", True),
+        ("DELETE", r"/api/scenarios/(?P<name>[^/]+)", "stop_scenario", True),
+    )]
 
     def dispatch(self):
         started, self.status = time.monotonic(), None
+        self.body_unread = "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
         app, url = self.server.app, urlsplit(self.path)
-        method = "GET" if self.command == "HEAD" else self.command
         self.query = parse_qs(url.query)
         app.track_request(+1)
         try:
-            handler, params = self.find_route(method, url.path)
+            handler, params = self.find_route("GET" if self.command == "HEAD" else self.command, url.path)
             handler(**params)
         except ClientError as error:
             self.send_json(error.status, error.body, error.headers)
@@ -965,14 +1001,15 @@ class PaymentHandler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
 
     def find_route(self, method, path):
+        """The handler method and path parameters; 404 for an unknown path, 405 (with Allow) for a wrong method."""
         allowed = []
-        for route_method, pattern, name, admin in ROUTES:
+        for route_method, pattern, name, needs_admin in self.ROUTES:
             match = pattern.match(path)
             if match and route_method == method:
-                if admin:
+                if needs_admin:
                     self.check_admin_token()
                 return getattr(self, name), match.groupdict()
-            if match:
+            if match and route_method not in allowed:
                 allowed.append(route_method)
         if not allowed:
             raise NotFound(f"no such path: {path}")
@@ -991,17 +1028,21 @@ class PaymentHandler(BaseHTTPRequestHandler):
     # -- reading and writing
 
     def read_json(self, required=True):
-        """The request's JSON body (None when optional and empty); 411, 413, 415 or 400 when unusable."""
+        """The request's JSON body (None when optional and absent); 400, 408, 411, 413 or 415 when unusable."""
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            if not required and length is None:
-                return None
-            self.close_connection = True
+        if "Transfer-Encoding" in self.headers or (length is None and required):
             raise LengthRequired("a Content-Length header is required")
+        if length is None:
+            return None
+        if not CONTENT_LENGTH.fullmatch(length):
+            raise MalformedBody("Content-Length must be a whole number")
         if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True  # the body is left unread
             raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
-        body = self.rfile.read(int(length))
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            raise RequestTimeout("the body did not arrive in time") from None
+        self.body_unread = False
         if not body and not required:
             return None
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -1018,24 +1059,40 @@ class PaymentHandler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
-        if self.server.app.stopping:
-            self.send_header("Connection", "close")
+        if self.server.app.stopping or self.body_unread:
             self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        try:
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except ConnectionError:  # the client hung up; what it asked for is done and counted all the same
+            self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself (bad request line, headers too long) are JSON too."""
         self.close_connection = True
         self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
 
+    def finish(self):
+        """Closing with a body unread (a 413): read it away for a moment, so the client sees our answer, not a reset."""
+        super().finish()
+        if self.body_unread:
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(1)
+                deadline = time.monotonic() + 2
+                while time.monotonic() < deadline and self.connection.recv(65536):
+                    pass
+            except OSError:
+                pass
+
     def log_message(self, format, *args):
         pass  # dispatch() writes the access log
 
     # -- endpoints
 
-    @route("GET", r"/health")
     def health(self):
         app = self.server.app
         self.send_json(503 if app.stopping else 200, {
@@ -1044,7 +1101,6 @@ class PaymentHandler(BaseHTTPRequestHandler):
             "dependencies": {"influxdb": app.exporter.health()},
             "simulation": dict(app.simulator.config)})
 
-    @route("GET", r"/metrics")
     def metrics(self):
         encoder, content_type = choose_encoder(self.headers.get("Accept"))
         body, headers = encoder(self.server.app.metrics.registry), {"Content-Type": content_type}
@@ -1052,7 +1108,6 @@ class PaymentHandler(BaseHTTPRequestHandler):
             body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
         self.send_body(200, body, headers)
 
-    @route("POST", r"/api/payments")
     def create_payment(self):
         app, document = self.server.app, None
         try:
@@ -1078,7 +1133,6 @@ class PaymentHandler(BaseHTTPRequestHandler):
                                f"seconds from 0 to {MAX_PROCESSING_SECONDS:g}") from None
         return fault
 
-    @route("GET", r"/api/payments")
     def list_payments(self):
         store = self.server.app.store
         text = self.query.get("limit", ["50"])[-1]
@@ -1087,22 +1141,18 @@ class PaymentHandler(BaseHTTPRequestHandler):
         payments = store.recent(min(int(text), store.capacity))
         self.send_json(200, {"count": len(payments), "payments": [payment.to_json() for payment in payments]})
 
-    @route("GET", r"/api/payments/stats")
     def payment_stats(self):
         self.send_json(200, self.server.app.stats.snapshot())
 
-    @route("GET", r"/api/payments/(?P<payment_id>[^/]+)")
     def get_payment(self, payment_id):
         payment = self.server.app.store.get(payment_id)
         if payment is None:
             raise NotFound("payment not found", paymentId=payment_id[:100])
         self.send_json(200, payment.to_json())
 
-    @route("GET", r"/api/simulation")
     def get_simulation(self):
         self.send_json(200, dict(self.server.app.simulator.config))
 
-    @route("PUT", r"/api/simulation", admin=True)
     def put_simulation(self):
         changes = self.read_json()
         if not isinstance(changes, dict):
@@ -1122,24 +1172,22 @@ class PaymentHandler(BaseHTTPRequestHandler):
             changes["rate"] = float(changes["rate"])
         self.send_json(200, self.server.app.simulator.configure(**changes))
 
-    @route("GET", r"/api/scenarios")
     def list_scenarios(self):
         self.send_json(200, {"scenarios": self.server.app.scenarios.describe_all()})
 
-    @route("GET", r"/api/scenarios/history")
     def scenario_history(self):
         self.send_json(200, {"history": self.server.app.scenarios.history()})
 
-    @route("POST", r"/api/scenarios/(?P<name>[^/]+)", admin=True)
     def start_scenario(self, name):
         self.known_scenario(name)
         body = self.read_json(required=False) or {}
-        duration = body.get("duration") if isinstance(body, dict) else "not an object"
+        if not isinstance(body, dict):
+            raise MalformedBody("body must be a JSON object")
+        duration = body.get("duration")
         if duration is not None and not (is_number(duration) and 0 < duration <= 86400):
             raise InvalidField("duration", "duration must be seconds, greater than 0 and at most 86400")
         self.send_json(200, self.server.app.scenarios.start(name, float(duration) if duration else None))
 
-    @route("DELETE", r"/api/scenarios/(?P<name>[^/]+)", admin=True)
     def stop_scenario(self, name):
         self.known_scenario(name)
         self.send_json(200, self.server.app.scenarios.stop(name))
@@ -1155,7 +1203,7 @@ def is_number(value):
 
 
 class PaymentServer(ThreadingHTTPServer):
-    """A thread per connection; remembers open connections so a graceful stop can close idle ones."""
+    """A thread per connection; remembers open connections so a graceful stop can end them."""
     daemon_threads = False  # server_close() joins every connection thread
     request_queue_size = 1024  # the default of 5 resets connections under a burst of clients
 
@@ -1164,17 +1212,19 @@ class PaymentServer(ThreadingHTTPServer):
         self.connections = set()
         super().__init__(address, PaymentHandler)
 
-    def process_request_thread(self, request, client_address):
+    def process_request(self, request, client_address):
         self.connections.add(request)
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connections.discard(request)
+        super().process_request(request, client_address)
 
-    def close_idle_connections(self):
+    def shutdown_request(self, request):
+        self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def shutdown_connections(self, how):
+        """SHUT_RD ends idle keep-alive connections while answers in progress still go out; SHUT_RDWR ends all."""
         for connection in list(self.connections):
             try:
-                connection.shutdown(socket.SHUT_RDWR)
+                connection.shutdown(how)
             except OSError:
                 pass
 
@@ -1227,14 +1277,15 @@ class PaymentApp:
         self.stopping = True
         self.server.shutdown()
         self._server_thread.join()
-        with self._idle:
-            if not self._idle.wait_for(lambda: self._in_progress == 0, timeout=self.settings.shutdown_timeout):
+        self.server.shutdown_connections(socket.SHUT_RD)
+        with self._idle:  # requests in progress may take all but the last second, which is InfluxDB's
+            if not self._idle.wait_for(lambda: self._in_progress == 0, max(deadline - time.monotonic() - 1, 0)):
                 self.abort_waits.set()
                 self._idle.wait_for(lambda: self._in_progress == 0, timeout=1.0)
-        self.server.close_idle_connections()
+        self.server.shutdown_connections(socket.SHUT_RDWR)
         self.server.server_close()
         self.simulator.stop()
-        self.exporter.close(max(deadline - time.monotonic(), 0.0))
+        self.exporter.close(max(deadline - time.monotonic(), 0.1))
 
     def __enter__(self):
         return self.start()
@@ -1267,8 +1318,8 @@ def configure_logging(settings):
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(LogFormatter(settings.log_format))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
-    for noisy in ("influxdb_client", "urllib3", "reactivex"):  # the exporter logs outages once, not per batch
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    # influxdb-client logs every failed batch; the exporter logs each change of InfluxDB's state once instead
+    handler.addFilter(lambda record: not record.name.startswith(("influxdb_client", "urllib3", "reactivex")))
 
 
 def main(argv=None):
