@@ -166,6 +166,57 @@ def test_idle_keep_alive_connections_are_closed_after_a_timeout(app, monkeypatch
             received += chunk
     assert received.startswith(b"HTTP/1.1 200") and received.count(b"HTTP/1.1") == 1
 
+def exchange(app, raw, timeout=10):
+    """Send raw bytes on one connection and read until the server closes it (or `timeout`)."""
+    import socket
+    with socket.create_connection(app.server.server_address[:2], timeout=timeout) as connection:
+        connection.sendall(raw)
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+    return received
+
+
+def test_a_body_left_unread_closes_the_connection_instead_of_corrupting_the_next_request(app):
+    reply = exchange(app, b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n"
+                          b'{"amount": 10}GET /health HTTP/1.1\r\nHost: x\r\n\r\n')
+    assert reply.startswith(b"HTTP/1.1 404") and b"Connection: close" in reply and b"400" not in reply
+
+
+@pytest.mark.parametrize("length, status", [("\u00b2", b"400"), ("9" * 5000, b"400"), ("abc", b"400")])
+def test_unusable_content_length_is_a_json_400(app, length, status):
+    reply = exchange(app, f"POST /api/payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {length}\r\n\r\n".encode())
+    assert reply.startswith(b"HTTP/1.1 " + status) and b'"error"' in reply
+
+
+def test_a_body_that_never_arrives_is_answered_408(app, monkeypatch):
+    monkeypatch.setattr(payment_api.PaymentHandler, "timeout", 0.3)
+    reply = exchange(app, b"POST /api/payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"amount\"")
+    assert reply.startswith(b"HTTP/1.1 408")
+
+
+def test_an_oversized_upload_still_receives_its_413(app):
+    import http.client
+    host, port = app.server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    connection.request("POST", "/api/payments", body=b"x" * 3_000_000, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read())["error"]
+    connection.close()
+
+
+def test_a_client_that_hangs_up_early_causes_no_error(app, caplog):
+    exchange(app, b"POST /api/payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"X-Simulate-Latency: 0.2\r\nContent-Length: 13\r\n\r\n{\"amount\": 5}", timeout=0.05)
+    eventually(lambda: app.stats.snapshot()["totals"]["payments"] == 1)
+    assert http("GET", app.url + "/health")[0] == 200
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
 # ---------------------------------------------------------------- payments
 
 
