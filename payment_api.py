@@ -90,6 +90,16 @@ def parse_simulation_rate(text):
     return rate
 
 
+MAX_FLUSH_INTERVAL_MS = 5000  # influxdb-client's flush timer holds the process this long at exit
+
+
+def parse_flush_interval(text):
+    interval = parse_positive_int(text)
+    if interval > MAX_FLUSH_INTERVAL_MS:
+        raise ValueError(f"must be at most {MAX_FLUSH_INTERVAL_MS} ms")
+    return interval
+
+
 def parse_url(text):
     if text and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", text):
         raise ValueError("must be an http:// or https:// URL, or empty")
@@ -163,8 +173,8 @@ class Settings:
     influxdb_bucket: str = setting("training", "INFLUXDB_BUCKET", "InfluxDB bucket")
     influxdb_batch_size: int = setting(500, "INFLUXDB_BATCH_SIZE", "points per write", parse_positive_int,
                                        lenient=True)
-    influxdb_flush_interval_ms: int = setting(1000, "INFLUXDB_FLUSH_INTERVAL_MS", "longest wait before a write",
-                                              parse_positive_int, lenient=True)
+    influxdb_flush_interval_ms: int = setting(1000, "INFLUXDB_FLUSH_INTERVAL_MS", "longest wait before a write "
+                                              f"(at most {MAX_FLUSH_INTERVAL_MS})", parse_flush_interval, lenient=True)
     influxdb_buffer_size: int = setting(50_000, "INFLUXDB_BUFFER_SIZE",
                                         "points kept while InfluxDB is unreachable; more are dropped and counted",
                                         parse_positive_int, lenient=True)
@@ -616,13 +626,14 @@ class InfluxExporter:
         self.settings, self.metrics, self._point, self._precision = settings, metrics, Point, WritePrecision.NS
         self.state = "connecting"
         self._pending = 0
+        self._closed = False
         self._lock = threading.Lock()
         self._client = InfluxDBClient(url=settings.influxdb_url, token=settings.influxdb_token,
                                       org=settings.influxdb_org, timeout=5_000)
         self._scheduler = EventLoopScheduler()  # writes run on a daemon thread: a hung InfluxDB cannot hold the exit
         self._options = WriteOptions(batch_size=settings.influxdb_batch_size,
                                      flush_interval=settings.influxdb_flush_interval_ms,
-                                     retry_interval=1_000, exponential_base=2, max_retry_delay=15_000,
+                                     retry_interval=1_000, exponential_base=2, max_retry_delay=5_000,
                                      max_retries=8, max_retry_time=120_000, write_scheduler=self._scheduler)
         self._write_api = self._client.write_api(write_options=self._options, success_callback=self._written,
                                                  error_callback=self._failed, retry_callback=self._retrying)
@@ -645,6 +656,8 @@ class InfluxExporter:
     def _settle(self, data, outcome):
         points = data.count(b"\n" if isinstance(data, bytes) else "\n") + 1
         with self._lock:
+            if self._closed:  # a late answer after close(): these points were counted as dropped then
+                return
             self._pending -= points
         if outcome == "written":
             self.metrics.influx_written.inc(points)
@@ -664,6 +677,8 @@ class InfluxExporter:
         self._set_state("up", "InfluxDB accepts points")
 
     def _retrying(self, _conf, _data, error):
+        if self._closed:  # raising here ends the client's retries, which would otherwise go on after exit
+            raise ConnectionAbortedError("payment-api stopped; the points were counted as dropped")
         self._set_state("unreachable", "InfluxDB unreachable; points are kept and retried", error)
 
     def _failed(self, _conf, data, error):
@@ -680,6 +695,7 @@ class InfluxExporter:
         self._options.max_close_wait = max(int(timeout * 1000), 100)  # the client's default is 300 s
         self._write_api.close()
         with self._lock:
+            self._closed = True
             if self._pending:
                 log.warning("InfluxDB points left unwritten at shutdown", extra={"fields": {"points": self._pending}})
                 self.metrics.influx_dropped.labels("shutdown").inc(self._pending)
@@ -1269,6 +1285,8 @@ class PaymentApp:
         self.simulator.start()
         for warning in self.settings.warnings:
             log.warning(warning)
+        if isinstance(self.exporter, DisabledExporter):
+            log.info("InfluxDB export off", extra={"fields": {"reason": self.exporter.reason}})
         return self
 
     def stop(self):
