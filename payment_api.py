@@ -44,32 +44,20 @@ class SettingsError(ValueError):
     """A setting has a value the service cannot use; the message names the variable."""
 
 
-def parse_port(text):
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError("must be a port number from 0 to 65535")
-    return port
+def number(kind, low, high=math.inf):
+    """A parser for a setting that is an int or float from `low` to `high`."""
+    noun = "a whole number" if kind is int else "a number"
+    described = f"{noun} of at least {low:g}" if high == math.inf else f"{noun} from {low:g} to {high:g}"
 
-
-def parse_positive_int(text):
-    number = int(text)
-    if number < 1:
-        raise ValueError("must be a whole number of at least 1")
-    return number
-
-
-def parse_non_negative(text):
-    number = float(text)
-    if not math.isfinite(number) or number < 0:
-        raise ValueError("must be a number of at least 0")
-    return number
-
-
-def parse_probability(text):
-    number = float(text)
-    if not 0 <= number <= 1:
-        raise ValueError("must be a probability from 0 to 1 (0.03 means 3 %)")
-    return number
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ValueError("must be " + described)
+        return value
+    return parse
 
 
 def parse_bool(text):
@@ -81,23 +69,7 @@ def parse_bool(text):
 
 PROFILES = ("steady", "diurnal", "bursty")  # traffic shapes, see the simulator
 MAX_SIMULATION_RATE = 5000.0  # payments per second; a traffic_surge multiplies it by 5
-
-
-def parse_simulation_rate(text):
-    rate = parse_non_negative(text)
-    if rate > MAX_SIMULATION_RATE:
-        raise ValueError(f"must be at most {MAX_SIMULATION_RATE:g} payments per second")
-    return rate
-
-
 MAX_FLUSH_INTERVAL_MS = 5000  # influxdb-client's flush timer holds the process this long at exit
-
-
-def parse_flush_interval(text):
-    interval = parse_positive_int(text)
-    if interval > MAX_FLUSH_INTERVAL_MS:
-        raise ValueError(f"must be at most {MAX_FLUSH_INTERVAL_MS} ms")
-    return interval
 
 
 def parse_url(text):
@@ -135,7 +107,7 @@ def setting(default, env, help, parse=str, aliases=(), lenient=False, secret=Fal
 class Settings:
     """Every setting of the service, read once at start-up from the environment and the command line."""
     host: str = setting("0.0.0.0", "HOST", "address to listen on")
-    port: int = setting(8080, "PORT", "TCP port to listen on (0 picks a free one)", parse_port,
+    port: int = setting(8080, "PORT", "TCP port to listen on (0 picks a free one)", number(int, 0, 65535),
                         aliases=("PAYMENT_API_PORT",))
     log_format: str = setting("json", "LOG_FORMAT", "json (one JSON object a line) or text", one_of("json", "text"))
     log_level: str = setting("info", "LOG_LEVEL", "debug also logs /health and /metrics requests",
@@ -143,41 +115,41 @@ class Settings:
     currencies: tuple = setting(("USD", "EUR", "GBP"), "CURRENCIES", "accepted currencies, comma-separated",
                                 parse_currencies)
     store_size: int = setting(10_000, "STORE_SIZE", "how many recent payments GET /api/payments/{id} can find",
-                              parse_positive_int)
+                              number(int, 1))
     failure_rate: float = setting(0.03, "PAYMENT_FAILURE_RATE", "probability that a payment fails with HTTP 500 "
                                   "(the payment_failure_rate gauge shows the failed percentage over the last 60 s)",
-                                  parse_probability)
+                                  number(float, 0, 1))
     latency_scale: float = setting(1.0, "PAYMENT_LATENCY_SCALE",
                                    "multiplies simulated processing time (0 = no delay, for load tests)",
-                                   parse_non_negative)
+                                   number(float, 0))
     simulation_enabled: bool = setting(True, "ENABLE_SIMULATION", "run the built-in traffic simulator", parse_bool)
     simulation_rate: float = setting(5.0, "SIMULATION_RATE", "simulated payments per second (0 = off)",
-                                     parse_simulation_rate, aliases=("PAYMENT_SIMULATION_RATE",))
+                                     number(float, 0, MAX_SIMULATION_RATE), aliases=("PAYMENT_SIMULATION_RATE",))
     simulation_profile: str = setting("steady", "SIMULATION_PROFILE", "traffic shape: " + ", ".join(PROFILES),
                                       one_of(*PROFILES))
     simulation_period: float = setting(3600.0, "SIMULATION_PERIOD", "length in seconds of one diurnal 'day'",
-                                       parse_non_negative)
+                                       number(float, 0))
     simulation_seed: int = setting(None, "SIMULATION_SEED", "makes simulated payments reproducible (empty = random)",
                                    parse_optional_int)
     scenario_schedule: tuple = setting((), "SCENARIO_SCHEDULE",
                                        "incidents to run unattended, e.g. error_spike@2m+5m,random@10m+3m/20m",
-                                       lambda text: parse_schedule(text))
+                                       lambda text: parse_schedule(text))  # defined with the scenarios
     admin_token: str = setting("", "ADMIN_TOKEN", "when set, changing scenarios or the simulator needs "
                                "'Authorization: Bearer <token>'", secret=True)
     shutdown_timeout: float = setting(8.0, "SHUTDOWN_TIMEOUT", "seconds to finish requests and InfluxDB writes on stop",
-                                      parse_non_negative)
+                                      number(float, 0))
     influxdb_url: str = setting("http://influxdb:8086", "INFLUXDB_URL", "InfluxDB 2 URL (empty = export off)",
                                 parse_url)
     influxdb_token: str = setting("training-token-change-me", "INFLUXDB_TOKEN", "InfluxDB API token", secret=True)
     influxdb_org: str = setting("data2ai", "INFLUXDB_ORG", "InfluxDB organization")
     influxdb_bucket: str = setting("training", "INFLUXDB_BUCKET", "InfluxDB bucket")
-    influxdb_batch_size: int = setting(500, "INFLUXDB_BATCH_SIZE", "points per write", parse_positive_int,
+    influxdb_batch_size: int = setting(500, "INFLUXDB_BATCH_SIZE", "points per write", number(int, 1),
                                        lenient=True)
-    influxdb_flush_interval_ms: int = setting(1000, "INFLUXDB_FLUSH_INTERVAL_MS", "longest wait before a write "
-                                              f"(at most {MAX_FLUSH_INTERVAL_MS})", parse_flush_interval, lenient=True)
+    influxdb_flush_interval_ms: int = setting(1000, "INFLUXDB_FLUSH_INTERVAL_MS", "longest wait before a write",
+                                              number(int, 1, MAX_FLUSH_INTERVAL_MS), lenient=True)
     influxdb_buffer_size: int = setting(50_000, "INFLUXDB_BUFFER_SIZE",
                                         "points kept while InfluxDB is unreachable; more are dropped and counted",
-                                        parse_positive_int, lenient=True)
+                                        number(int, 1), lenient=True)
     warnings: tuple = field(default=(), compare=False)
 
     @classmethod
@@ -502,7 +474,8 @@ class PaymentMetrics:
                                 ["method", "status", "type", "currency"], registry=registry)
         self.amount = Histogram("payment_amount", "Payment amounts by currency and outcome (status: success or failed)",
                                 ["currency", "status"], buckets=AMOUNT_BUCKETS, registry=registry)
-        self.duration = Histogram("payment_duration_seconds", "Payment processing time by outcome (status: success or failed)",
+        self.duration = Histogram("payment_duration_seconds",
+                                  "Payment processing time by outcome (status: success or failed)",
                                   ["status"], buckets=DURATION_BUCKETS, registry=registry)
         Gauge("active_payments", "Payments being processed right now", registry=registry).set_function(
             lambda: stats.active)
@@ -579,7 +552,8 @@ class PaymentProcessor:
         if fault.latency is not None:
             processing_time = fault.latency
         self.stats.record_start()
-        return Payment(f"pay_{secrets.token_hex(8)}", request, source, min(processing_time, MAX_PROCESSING_SECONDS), status)
+        processing_time = min(processing_time, MAX_PROCESSING_SECONDS)
+        return Payment(f"pay_{secrets.token_hex(8)}", request, source, processing_time, status)
 
     def finish(self, payment):
         payment.completed_at = self._clock()
@@ -942,8 +916,8 @@ class Simulator:
                 self._next_arrival = self._next_arrival + self._rng.expovariate(rate) if rate > 0 else None
             while self._in_flight and self._in_flight[0][0] <= now:
                 self.processor.finish(heapq.heappop(self._in_flight)[2])
-            wake_ups = [now + 0.5, self._next_arrival or math.inf, self._in_flight[0][0] if self._in_flight else math.inf]
-            return min(wake_ups)
+            next_completion = self._in_flight[0][0] if self._in_flight else math.inf
+            return min(now + 0.5, self._next_arrival or math.inf, next_completion)
 
     def _run(self):
         while not self._stop_event.is_set():
