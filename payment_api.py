@@ -1210,6 +1210,11 @@ class PaymentServer(ThreadingHTTPServer):
         self.connections.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request, client_address):
+        """A client resetting its connection is ordinary (load tools do it); anything else is logged as an event."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            log.exception("connection failed", extra={"fields": {"client": client_address[0]}})
+
     def shutdown_connections(self, how):
         """SHUT_RD ends idle keep-alive connections while answers in progress still go out; SHUT_RDWR ends all."""
         for connection in list(self.connections):

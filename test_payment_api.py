@@ -210,6 +210,18 @@ def test_an_oversized_upload_still_receives_its_413(app):
     connection.close()
 
 
+def test_a_connection_reset_by_the_client_prints_no_traceback(app, capsys, caplog):
+    import socket
+    import struct
+    connection = socket.create_connection(app.server.server_address[:2], timeout=10)
+    connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()  # with linger 0: a reset, as wrk does at the end of a run
+    eventually(lambda: not app.server.connections, message="the server noticed the reset")
+    assert capsys.readouterr().err == "" and not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_a_client_that_hangs_up_early_causes_no_error(app, caplog):
     exchange(app, b"POST /api/payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"X-Simulate-Latency: 0.2\r\nContent-Length: 13\r\n\r\n{\"amount\": 5}", timeout=0.05)
