@@ -9,10 +9,12 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -190,3 +192,47 @@ def start_prometheus(tmp_path):
     yield start
     for server in servers:
         server.stop()
+
+
+class RecordingInfluxDB(ThreadingHTTPServer):
+    """Answers every write with 204 and keeps the line protocol it received; or, while `refusing`, drops the
+    connection without an answer and counts the attempt.
+
+    victoria-metrics keeps timestamps to the millisecond, stores no string field and turns the point into
+    metrics, and a stopped one refuses connections without a trace: the exact line protocol and the number
+    of write attempts are seen here instead.
+    """
+    daemon_threads = False
+
+    def __init__(self):
+        self.bodies, self.refusing, self.refused = [], False, 0
+
+        class Handler(BaseHTTPRequestHandler):  # HTTP/1.0: one request a connection, so no thread idles
+            def do_POST(handler):
+                body = handler.rfile.read(int(handler.headers["Content-Length"]))
+                if self.refusing:
+                    self.refused += 1
+                    return  # the connection closes without a status line
+                self.bodies.append((handler.path, body))
+                handler.send_response(204)
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+
+            def log_message(handler, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self._thread = threading.Thread(target=self.serve_forever, name="recording-influxdb")
+
+    def lines(self):
+        return [line for _, body in list(self.bodies) for line in body.decode().splitlines()]
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.shutdown()
+        self._thread.join(5)
+        self.server_close()

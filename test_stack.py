@@ -16,18 +16,16 @@ import math
 import re
 import shutil
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
 import payment_api
-from conftest import QUIET, Prometheus, eventually, http, require_binary
+from conftest import QUIET, Prometheus, RecordingInfluxDB, eventually, http, require_binary
 
 HERE = Path(__file__).resolve().parent
 ALERTS, RECORDING = HERE / "prometheus" / "alerts.yml", HERE / "prometheus" / "recording.yml"
@@ -442,38 +440,6 @@ def test_incident_annotation_marks_exactly_the_running_scenario(stack):
                message=f"{where} ends when the scenario stops")
 
 
-class RecordingInfluxDB(ThreadingHTTPServer):
-    """Answers every InfluxDB write with 204 and keeps (path, line protocol) of each."""
-    daemon_threads = False
-
-    def __init__(self):
-        self.writes = []
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                recorder.writes.append((self.path, self.rfile.read(int(self.headers["Content-Length"])).decode()))
-                self.send_response(204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        self._thread = threading.Thread(target=self.serve_forever, name="recording-influxdb")
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.shutdown()
-        self._thread.join(5)
-        self.server_close()
-
-
 def written_schema(make_app):
     """What the service writes to InfluxDB, read from real writes of a successful and a failed payment.
 
@@ -486,10 +452,10 @@ def written_schema(make_app):
             status, _, _ = http("POST", app.url + "/api/payments", {"amount": 12.5, "currency": "EUR"}, headers)
             assert status in (200, 500)
         app.stop()  # sends what is pending
-    lines = [line for _, body in influxdb.writes for line in body.splitlines() if line]
-    assert len(lines) == 2, f"expected one point per payment (is influxdb-client installed?): {influxdb.writes}"
+    lines = influxdb.lines()
+    assert len(lines) == 2, f"expected one point per payment (is influxdb-client installed?): {lines}"
     schema = {"buckets": {urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)["bucket"][0]
-                          for path, _ in influxdb.writes},
+                          for path, _ in influxdb.bodies},
               "measurements": set(), "fields": set(), "tags": {}}
     for line in lines:
         series, fields, _timestamp = line.split(" ")
