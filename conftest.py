@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -95,6 +96,37 @@ def make_app():
 @pytest.fixture
 def app(make_app):
     return make_app()
+
+
+@pytest.fixture
+def run_service(tmp_path):
+    """Start `python payment_api.py` with extra environment; stdout goes to a file; killed if a test leaves it."""
+    processes = []
+
+    def start(**env):
+        port = free_port()
+        log_path = tmp_path / f"service-{len(processes)}.log"
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen([sys.executable, "payment_api.py"], cwd=os.path.dirname(os.path.abspath(__file__)), stdout=log_file,
+                                       stderr=subprocess.STDOUT,
+                                       env={**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env})
+        processes.append(process)
+        process.url, process.log_path = f"http://127.0.0.1:{port}", log_path
+
+        def ready():
+            assert process.poll() is None, log_path.read_text()
+            try:
+                return http("GET", process.url + "/health", timeout=1)[0] == 200
+            except OSError:
+                return False
+        eventually(ready, timeout=15, message="service ready")
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 class ServerProcess:

@@ -895,7 +895,7 @@ class Simulator:
         rng, currencies = self._rng, self.settings.currencies
         currency = rng.choices(currencies, [CURRENCY_WEIGHTS.get(code, 10) for code in currencies])[0]
         payment_type = rng.choices(PAYMENT_TYPES, TYPE_WEIGHTS)[0]
-        share, low, high = rng.choices(AMOUNT_BANDS, [band[0] for band in AMOUNT_BANDS])[0]
+        _, low, high = rng.choices(AMOUNT_BANDS, [share for share, _, _ in AMOUNT_BANDS])[0]
         amount = Decimal(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.2f}")
         pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
         return PaymentRequest(amount, currency, payment_type, f"cust_{rng.randrange(1, pool + 1):05d}")
@@ -914,8 +914,7 @@ class Simulator:
                 heapq.heappush(self._in_flight, (self._next_arrival + payment.processing_time, self._sequence, payment))
                 rate = self.current_rate(self._next_arrival)
                 self._next_arrival = self._next_arrival + self._rng.expovariate(rate) if rate > 0 else None
-            while self._in_flight and self._in_flight[0][0] <= now:
-                self.processor.finish(heapq.heappop(self._in_flight)[2])
+            self._finish_until(now)
             next_completion = self._in_flight[0][0] if self._in_flight else math.inf
             return min(now + 0.5, self._next_arrival or math.inf, next_completion)
 
@@ -924,8 +923,11 @@ class Simulator:
             wake_at = self.tick(self._clock())
             self._stop_event.wait(max(wake_at - self._clock(), TICK_SECONDS))
         with self._lock:  # payments in flight at shutdown complete now, so they are counted and exported
-            while self._in_flight:
-                self.processor.finish(heapq.heappop(self._in_flight)[2])
+            self._finish_until(math.inf)
+
+    def _finish_until(self, now):
+        while self._in_flight and self._in_flight[0][0] <= now:
+            self.processor.finish(heapq.heappop(self._in_flight)[2])
 
     def start(self):
         self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)

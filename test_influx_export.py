@@ -6,12 +6,10 @@ tags become labels, string fields are not stored.
 """
 import json
 import logging
-import os
 import selectors
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +21,6 @@ import pytest
 import payment_api
 from conftest import RecordingInfluxDB, eventually, free_port, http, metric_value
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 FAST_EXPORT = {"influxdb_flush_interval_ms": 100, "latency_scale": 0.0, "failure_rate": 0.0}
 TOKEN = "tok-8f3a1c-must-stay-secret"
 
@@ -121,37 +118,6 @@ class HungInfluxDB:
         for key in list(self._selector.get_map().values()):
             key.fileobj.close()
         self._selector.close()
-
-
-@pytest.fixture
-def run_service(tmp_path):
-    """Start `python payment_api.py` with extra environment; stdout goes to a file; killed if a test leaves it."""
-    processes = []
-
-    def start(**env):
-        port = free_port()
-        log_path = tmp_path / f"service-{len(processes)}.log"
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen([sys.executable, "payment_api.py"], cwd=HERE, stdout=log_file,
-                                       stderr=subprocess.STDOUT,
-                                       env={**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env})
-        processes.append(process)
-        process.url, process.log_path = f"http://127.0.0.1:{port}", log_path
-
-        def ready():
-            assert process.poll() is None, log_path.read_text()
-            try:
-                return http("GET", process.url + "/health", timeout=1)[0] == 200
-            except OSError:
-                return False
-        eventually(ready, timeout=15, message="service ready")
-        return process
-
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def log_events(path):

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import pytest
 
 import payment_api
-from conftest import eventually, free_port, http, metric_value, require_binary
+from conftest import eventually, http, metric_value, require_binary
 
 SEED_PAYMENT = {"amount": 100.50, "currency": "USD", "customerId": "cust_12345", "type": "standard"}
 
@@ -443,29 +443,14 @@ def test_stop_is_bounded_when_a_request_would_take_longer(make_app):
     assert answers[0][0] == 200
 
 
-def test_sigterm_stops_the_process_cleanly_with_exit_code_0():
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "payment_api.py"], cwd=os.path.dirname(__file__),
-                               env={**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "INFLUXDB_URL": ""},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        eventually(lambda: _answers(url + "/health"), timeout=20, message="service healthy")
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=20)
-    finally:
-        process.kill()
-    assert process.returncode == 0 and stderr == ""
-    events = [json.loads(line)["event"] for line in stdout.splitlines()]
+def test_sigterm_stops_the_process_cleanly_with_exit_code_0(run_service):
+    service = run_service(INFLUXDB_URL="")
+    service.send_signal(signal.SIGTERM)
+    assert service.wait(20) == 0
+    lines = service.log_path.read_text().splitlines()  # stdout and stderr: no traceback, only JSON events
+    events = [json.loads(line)["event"] for line in lines]
     assert any(event.startswith("payment-api listening on http://127.0.0.1:") for event in events)
     assert events[-1] == "stopped"
-
-
-def _answers(url):
-    try:
-        return http("GET", url, timeout=1)[0] == 200
-    except OSError:
-        return False
 
 
 def test_access_log_is_one_json_line_per_request_and_scrapes_are_debug(app, caplog):
