@@ -78,6 +78,20 @@ def parse_url(text):
     return text
 
 
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def parse_instance(text):
+    if not INSTANCE_NAME.fullmatch(text):
+        raise ValueError("must be 1-64 characters of A-Z, a-z, 0-9, _ . : and -")
+    return text
+
+
+def default_instance():
+    host = socket.gethostname()
+    return host if INSTANCE_NAME.fullmatch(host) else "payment-api"
+
+
 def parse_optional_int(text):
     return int(text) if text.strip() else None
 
@@ -138,6 +152,8 @@ class Settings:
                                "'Authorization: Bearer <token>'", secret=True)
     shutdown_timeout: float = setting(8.0, "SHUTDOWN_TIMEOUT", "seconds to finish requests and InfluxDB writes on stop",
                                       number(float, 0))
+    instance: str = setting(default_instance(), "INSTANCE", "name of this replica, the instance tag of its "
+                            "InfluxDB points (default: the host name)", parse_instance)
     influxdb_url: str = setting("http://influxdb:8086", "INFLUXDB_URL", "InfluxDB 2 URL (empty = export off)",
                                 parse_url)
     influxdb_token: str = setting("training-token-change-me", "INFLUXDB_TOKEN", "InfluxDB API token", secret=True)
@@ -529,6 +545,21 @@ SLOW_BANK_SHARE, SLOW_BANK_FACTOR = 0.01, 4.0  # 1 % of payments meet a slow ban
 MAX_PROCESSING_SECONDS = 30.0
 
 
+def draw_outcome(rng, request, settings, effects, fault=Fault()):
+    """(HTTP status, processing seconds) of one payment: log-normal time, failures as configured and by scenario."""
+    processing_time = (rng.lognormvariate(math.log(MEDIAN_PROCESSING_SECONDS[request.type]), LATENCY_SIGMA)
+                       * (SLOW_BANK_FACTOR if rng.random() < SLOW_BANK_SHARE else 1.0)
+                       * settings.latency_scale * effects.latency_factor)
+    failure_rate = settings.failure_rate if effects.failure_rate is None else effects.failure_rate
+    fails = (rng.random() < failure_rate or fault.fail
+             or (effects.fails_last_currency and request.currency == settings.currencies[-1]))
+    if effects.outage:
+        return 503, 0.0
+    if fault.latency is not None:
+        processing_time = fault.latency
+    return (500 if fails else 200), min(processing_time, MAX_PROCESSING_SECONDS)
+
+
 class PaymentProcessor:
     """Turns a valid PaymentRequest into a Payment: the one path for API and simulated payments alike."""
 
@@ -538,21 +569,8 @@ class PaymentProcessor:
 
     def begin(self, request, rng, source, fault=Fault()):
         """Decide outcome and processing time (the caller waits that long, then calls finish)."""
-        effects = self.scenarios.effects()
-        processing_time = (rng.lognormvariate(math.log(MEDIAN_PROCESSING_SECONDS[request.type]), LATENCY_SIGMA)
-                           * (SLOW_BANK_FACTOR if rng.random() < SLOW_BANK_SHARE else 1.0)
-                           * self.settings.latency_scale * effects.latency_factor)
-        failure_rate = self.settings.failure_rate if effects.failure_rate is None else effects.failure_rate
-        fails = (rng.random() < failure_rate or fault.fail
-                 or (effects.fails_last_currency and request.currency == self.settings.currencies[-1]))
-        if effects.outage:
-            status, processing_time = 503, 0.0
-        else:
-            status = 500 if fails else 200
-        if fault.latency is not None:
-            processing_time = fault.latency
+        status, processing_time = draw_outcome(rng, request, self.settings, self.scenarios.effects(), fault)
         self.stats.record_start()
-        processing_time = min(processing_time, MAX_PROCESSING_SECONDS)
         return Payment(f"pay_{secrets.token_hex(8)}", request, source, processing_time, status)
 
     def finish(self, payment):
@@ -568,6 +586,20 @@ class PaymentProcessor:
         self.stats.record_rejection()
 
 # ---------------------------------------------------------------- InfluxDB export
+
+
+def payment_line(payment, instance):
+    """One payment as an InfluxDB line-protocol point: what the live export and the history both write.
+
+    Every tag value comes from a bounded set (validated or replaced), so nothing needs escaping.
+    """
+    request = payment.request
+    customer_id = request.customer_id if POOL_CUSTOMER.fullmatch(request.customer_id) else "other"
+    status = "success" if payment.succeeded else "failed"
+    return (f"payment,currency={request.currency},customer_id={customer_id},instance={instance},"
+            f"payment_type={request.type},status={status} "
+            f"amount={float(request.amount)!r},processing_time={float(payment.processing_time)!r} "
+            f"{int(payment.completed_at * 1e9)}")
 
 
 class DisabledExporter:
@@ -594,10 +626,10 @@ class InfluxExporter:
     """
 
     def __init__(self, settings, metrics):
-        from influxdb_client import InfluxDBClient, Point, WritePrecision
+        from influxdb_client import InfluxDBClient, WritePrecision
         from influxdb_client.client.write_api import WriteOptions
         from reactivex.scheduler import EventLoopScheduler
-        self.settings, self.metrics, self._point, self._precision = settings, metrics, Point, WritePrecision.NS
+        self.settings, self.metrics, self._precision = settings, metrics, WritePrecision.NS
         self.state = "connecting"
         self._pending = 0
         self._closed = False
@@ -614,18 +646,13 @@ class InfluxExporter:
         metrics.influx_pending.set_function(lambda: self._pending)
 
     def export(self, payment):
-        request = payment.request
-        point = (self._point("payment").tag("status", "success" if payment.succeeded else "failed")
-                 .tag("currency", request.currency).tag("payment_type", request.type)
-                 .tag("customer_id", request.customer_id if POOL_CUSTOMER.fullmatch(request.customer_id) else "other")
-                 .field("amount", float(request.amount)).field("processing_time", payment.processing_time)
-                 .time(int(payment.completed_at * 1e9), self._precision))
+        line = payment_line(payment, self.settings.instance)
         with self._lock:
             if self._pending >= self.settings.influxdb_buffer_size:
                 self.metrics.influx_dropped.labels("buffer_full").inc()
                 return
             self._pending += 1
-            self._write_api.write(bucket=self.settings.influxdb_bucket, record=point)
+            self._write_api.write(bucket=self.settings.influxdb_bucket, record=line, write_precision=self._precision)
 
     def _settle(self, data, outcome):
         points = data.count(b"\n" if isinstance(data, bytes) else "\n") + 1
@@ -855,6 +882,16 @@ def profile_factor(profile, elapsed, period):
     return 1.0
 
 
+def draw_request(rng, currencies):
+    """A PaymentRequest as a real shop's customers make them: the simulator's (and the history's) mix."""
+    currency = rng.choices(currencies, [CURRENCY_WEIGHTS.get(code, 10) for code in currencies])[0]
+    payment_type = rng.choices(PAYMENT_TYPES, TYPE_WEIGHTS)[0]
+    _, low, high = rng.choices(AMOUNT_BANDS, [share for share, _, _ in AMOUNT_BANDS])[0]
+    amount = Decimal(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.2f}")
+    pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
+    return PaymentRequest(amount, currency, payment_type, f"cust_{rng.randrange(1, pool + 1):05d}")
+
+
 class Simulator:
     """Makes Poisson-distributed payments through the PaymentProcessor, like real clients would.
 
@@ -891,15 +928,6 @@ class Simulator:
         shape = profile_factor(self.config["profile"], now - self._started_at, self.settings.simulation_period)
         return self.config["rate"] * shape * self.scenarios.effects().rate_factor
 
-    def _draw_request(self):
-        rng, currencies = self._rng, self.settings.currencies
-        currency = rng.choices(currencies, [CURRENCY_WEIGHTS.get(code, 10) for code in currencies])[0]
-        payment_type = rng.choices(PAYMENT_TYPES, TYPE_WEIGHTS)[0]
-        _, low, high = rng.choices(AMOUNT_BANDS, [share for share, _, _ in AMOUNT_BANDS])[0]
-        amount = Decimal(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.2f}")
-        pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
-        return PaymentRequest(amount, currency, payment_type, f"cust_{rng.randrange(1, pool + 1):05d}")
-
     def tick(self, now):
         """Start every payment due by `now`, finish every one whose processing is over; return the next wake-up."""
         with self._lock:
@@ -909,7 +937,7 @@ class Simulator:
             elif self._next_arrival is not None and self._next_arrival < now - MAX_LAG_SECONDS:
                 self._next_arrival = now - MAX_LAG_SECONDS  # an overloaded machine skips arrivals, never piles them up
             while self._next_arrival is not None and self._next_arrival <= now:
-                payment = self.processor.begin(self._draw_request(), self._rng, "simulator")
+                payment = self.processor.begin(draw_request(self._rng, self.settings.currencies), self._rng, "simulator")
                 self._sequence += 1
                 heapq.heappush(self._in_flight, (self._next_arrival + payment.processing_time, self._sequence, payment))
                 rate = self.current_rate(self._next_arrival)
@@ -1322,8 +1350,12 @@ def configure_logging(settings):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["backfill"]:  # history for 24-hour and 7-day exercises: an extra, in its own file
+        import history
+        return history.main(argv[1:])
     try:
-        settings = Settings.load(sys.argv[1:] if argv is None else argv)
+        settings = Settings.load(argv)
     except SettingsError as error:
         print(f"payment_api.py: {error}", file=sys.stderr)
         return 2

@@ -211,7 +211,7 @@ def test_each_api_payment_becomes_one_point_with_its_tags_fields_and_time(make_a
         completed_at = app.store.get(answer["paymentId"]).completed_at
         assert labels == {"__name__": "payment_amount", "customer_id": answer["customerId"],
                           "currency": answer["currency"], "payment_type": answer["type"],
-                          "status": "success" if answer["success"] else "failed"}
+                          "instance": app.settings.instance, "status": "success" if answer["success"] else "failed"}
         assert values == [answer["amount"]]
         assert timestamps == [int(completed_at * 1000)]
     for labels, values, _ in times:
@@ -231,7 +231,8 @@ def test_point_is_measurement_payment_with_numeric_fields_and_nanosecond_complet
     payment = app.store.get(answer["paymentId"])
     # payment_id is no field since c9fcd40: numeric fields only, so Flux mean() over a measurement works
     assert influxdb.lines() == [
-        f"payment,currency=GBP,customer_id=cust_00042,payment_type=express,status=success amount=42.5,"
+        f"payment,currency=GBP,customer_id=cust_00042,instance={app.settings.instance},payment_type=express,"
+        f"status=success amount=42.5,"
         f"processing_time={payment.processing_time!r} {int(payment.completed_at * 1e9)}"]
     path, _ = influxdb.bodies[0]
     assert path.startswith("/api/v2/write?") and "bucket=training" in path and "precision=ns" in path
