@@ -44,7 +44,7 @@ def free_port():
 
 def require_binary(name):
     """The binary's path; skip without it, except under CI=true where its absence is a failure."""
-    path = shutil.which(name)
+    path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))  # a venv's bin/
     if path is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{name} is required under CI=true (apt-get install prometheus victoria-metrics)")
