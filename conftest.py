@@ -100,14 +100,15 @@ def app(make_app):
 
 @pytest.fixture
 def run_service(tmp_path):
-    """Start `python payment_api.py` with extra environment; stdout goes to a file; killed if a test leaves it."""
+    """Start `python payment_api.py` (or other `argv` for python) with extra environment; stdout goes to a file;
+    killed if a test leaves it."""
     processes = []
 
-    def start(**env):
+    def start(argv=("payment_api.py",), **env):
         port = free_port()
         log_path = tmp_path / f"service-{len(processes)}.log"
         with open(log_path, "wb") as log_file:
-            process = subprocess.Popen([sys.executable, "payment_api.py"], cwd=os.path.dirname(os.path.abspath(__file__)), stdout=log_file,
+            process = subprocess.Popen([sys.executable, *argv], cwd=os.path.dirname(os.path.abspath(__file__)), stdout=log_file,
                                        stderr=subprocess.STDOUT,
                                        env={**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env})
         processes.append(process)
