@@ -105,12 +105,12 @@ def run_service(tmp_path):
     processes = []
 
     def start(argv=("payment_api.py",), **env):
-        port = free_port()
+        port = int(env.get("PORT") or free_port())
         log_path = tmp_path / f"service-{len(processes)}.log"
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen([sys.executable, *argv], cwd=os.path.dirname(os.path.abspath(__file__)), stdout=log_file,
                                        stderr=subprocess.STDOUT,
-                                       env={**os.environ, "HOST": "127.0.0.1", "PORT": str(port), **env})
+                                       env={**os.environ, "HOST": "127.0.0.1", **env, "PORT": str(port)})
         processes.append(process)
         process.url, process.log_path = f"http://127.0.0.1:{port}", log_path
 

@@ -6,9 +6,11 @@ A built-in simulator makes payments from the first second; every payment, simula
 """
 import argparse
 import dataclasses
+import errno
 import gzip
 import heapq
 import hmac
+import io
 import json
 import logging
 import math
@@ -16,6 +18,7 @@ import os
 import random
 import re
 import secrets
+import selectors
 import signal
 import socket
 import sys
@@ -150,10 +153,13 @@ class Settings:
                                        lambda text: parse_schedule(text))  # defined with the scenarios
     admin_token: str = setting("", "ADMIN_TOKEN", "when set, changing scenarios or the simulator needs "
                                "'Authorization: Bearer <token>'", secret=True)
+    max_connections: int = setting(256, "MAX_CONNECTIONS", "connections served at once, a thread each; more are "
+                                   "answered 503 with Retry-After, except /health and /metrics",
+                                   number(int, 1, 10_000))
     shutdown_timeout: float = setting(8.0, "SHUTDOWN_TIMEOUT", "seconds to finish requests and InfluxDB writes on stop",
                                       number(float, 0))
-    instance: str = setting(default_instance(), "INSTANCE", "name of this replica, the instance tag of its "
-                            "InfluxDB points (default: the host name)", parse_instance)
+    instance: str = setting(default_instance(), "INSTANCE", "name of this replica (the host name by default), "
+                            "the instance tag of its InfluxDB points", parse_instance)
     influxdb_url: str = setting("http://influxdb:8086", "INFLUXDB_URL", "InfluxDB 2 URL (empty = export off)",
                                 parse_url)
     influxdb_token: str = setting("training-token-change-me", "INFLUXDB_TOKEN", "InfluxDB API token", secret=True)
@@ -172,14 +178,20 @@ class Settings:
     def load(cls, argv=(), environ=os.environ):
         """Settings from CLI flags, then environment variables, then defaults; SettingsError names a bad one."""
         specs = [spec for spec in dataclasses.fields(cls) if "env" in spec.metadata]
-        parser = argparse.ArgumentParser(prog="payment_api.py", description=__doc__.splitlines()[0])
+        secrets_only = [spec.metadata["env"] for spec in specs if not spec.repr]
+        parser = argparse.ArgumentParser(
+            prog="payment_api.py", description=__doc__.splitlines()[0],
+            epilog=f"{' and '.join(secrets_only)} are read from the environment only, never from a flag "
+                   "(any user can read a process's flags with ps). 'payment_api.py backfill --help' tells how to "
+                   "write days of history into Prometheus and InfluxDB.")
         for spec in specs:
-            parser.add_argument(flag(spec), metavar=spec.metadata["env"], help=describe(spec))
+            if spec.repr:
+                parser.add_argument(flag(spec), metavar=spec.metadata["env"], help=describe(spec))
         flags = vars(parser.parse_args(list(argv)))
         values, warnings = {}, []
         for spec in specs:
             names = (spec.metadata["env"], *spec.metadata["aliases"])
-            given = [(flag(spec), flags[spec.name])] if flags[spec.name] is not None else [
+            given = [(flag(spec), flags[spec.name])] if flags.get(spec.name) is not None else [
                 (name, environ[name]) for name in names if name in environ]
             if not given:
                 continue
@@ -510,6 +522,8 @@ class PaymentMetrics:
                                       registry=registry)
         self.influx_dropped = Counter("payment_influx_points_dropped_total", "Points given up, by reason",
                                       ["reason"], registry=registry)
+        self.connections_shed = Counter("payment_http_connections_shed_total", "Connections beyond MAX_CONNECTIONS "
+                                        "answered 503 without being served", registry=registry)
         self.influx_pending = Gauge("payment_influx_points_pending", "Points waiting to be written to InfluxDB",
                                     registry=registry)
         for payment_type in PAYMENT_TYPES:  # series exist from the first scrape, so rate() works at once
@@ -618,12 +632,18 @@ class DisabledExporter:
         pass
 
 
+UNREACHABLE = ("InfluxDB unreachable: points are kept (up to INFLUXDB_BUFFER_SIZE) and retried; "
+               "set INFLUXDB_URL to your InfluxDB 2, or to nothing to turn export off")
+
+
 class InfluxExporter:
     """Writes one point per payment through influxdb-client's batching WriteApi; a payment never waits for it.
 
     Points wait in the client's buffer (bounded by INFLUXDB_BUFFER_SIZE) while InfluxDB is slow or down,
     are retried with exponential backoff, and every point given up is counted by reason, never dropped silently.
     """
+    RETRIES = {"retry_interval": 1_000, "exponential_base": 2, "max_retry_delay": 5_000, "max_retries": 8,
+               "max_retry_time": 120_000}  # milliseconds: about 30 s of retries for a batch, at most 2 minutes
 
     def __init__(self, settings, metrics):
         from influxdb_client import InfluxDBClient, WritePrecision
@@ -634,16 +654,26 @@ class InfluxExporter:
         self._pending = 0
         self._closed = False
         self._lock = threading.Lock()
+        self._state_lock = threading.Lock()
         self._client = InfluxDBClient(url=settings.influxdb_url, token=settings.influxdb_token,
                                       org=settings.influxdb_org, timeout=5_000)
-        self._scheduler = EventLoopScheduler()  # writes run on a daemon thread: a hung InfluxDB cannot hold the exit
+        # writes run one at a time on a daemon thread (a hung InfluxDB cannot hold the exit) that ends when idle
+        self._scheduler = EventLoopScheduler(exit_if_empty=True)
         self._options = WriteOptions(batch_size=settings.influxdb_batch_size,
                                      flush_interval=settings.influxdb_flush_interval_ms,
-                                     retry_interval=1_000, exponential_base=2, max_retry_delay=5_000,
-                                     max_retries=8, max_retry_time=120_000, write_scheduler=self._scheduler)
+                                     write_scheduler=self._scheduler, **self.RETRIES)
         self._write_api = self._client.write_api(write_options=self._options, success_callback=self._written,
                                                  error_callback=self._failed, retry_callback=self._retrying)
         metrics.influx_pending.set_function(lambda: self._pending)
+        threading.Thread(target=self._probe, name="influxdb-probe", daemon=True).start()
+
+    def _probe(self):
+        """Say once at start-up when InfluxDB cannot be reached at all (a laptop without the compose stack)."""
+        url = urlsplit(self.settings.influxdb_url)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
+        except OSError as error:
+            self._set_state("unreachable", UNREACHABLE, error, only_from="connecting")
 
     def export(self, payment):
         line = payment_line(payment, self.settings.instance)
@@ -666,12 +696,14 @@ class InfluxExporter:
             self.metrics.influx_dropped.labels(outcome).inc(points)
         return points
 
-    def _set_state(self, state, message, error=None):
-        """Log a change of state once, not once a batch."""
-        if state != self.state:
-            fields = {"url": self.settings.influxdb_url, **({"error": str(error)[:200]} if error else {})}
-            log.log(logging.INFO if state == "up" else logging.WARNING, message, extra={"fields": fields})
+    def _set_state(self, state, message, error=None, only_from=None):
+        """Log a change of state once (up, unreachable, refusing), not once a batch or a retry."""
+        with self._state_lock:
+            if state == self.state or (only_from and self.state != only_from):
+                return
             self.state = state
+        fields = {"url": self.settings.influxdb_url, **({"error": str(error)[:200]} if error else {})}
+        log.log(logging.INFO if state == "up" else logging.WARNING, message, extra={"fields": fields})
 
     def _written(self, _conf, data):
         self._settle(data, "written")
@@ -680,21 +712,32 @@ class InfluxExporter:
     def _retrying(self, _conf, _data, error):
         if self._closed:  # raising here ends the client's retries, which would otherwise go on after exit
             raise ConnectionAbortedError("payment-api stopped; the points were counted as dropped")
-        self._set_state("unreachable", "InfluxDB unreachable; points are kept and retried", error)
+        self._set_state("unreachable", UNREACHABLE, error)
 
     def _failed(self, _conf, data, error):
         self._settle(data, "write_error")
-        self._set_state("failing", "InfluxDB refused points, or stayed unreachable too long: they are dropped "
-                        "and counted", error)
+        if getattr(error, "status", None) or getattr(error, "response", None) is not None:  # InfluxDB answered
+            self._set_state("refusing", "InfluxDB refuses points: they are dropped and counted", error)
+        else:  # retried until given up: still unreachable, already said
+            self._set_state("unreachable", UNREACHABLE, error)
 
     def health(self):
         return {"state": self.state, "url": self.settings.influxdb_url, "bucket": self.settings.influxdb_bucket,
                 "pendingPoints": self._pending}
 
     def close(self, timeout):
-        """Send what is pending, waiting at most `timeout` seconds, then count what is left as dropped."""
-        self._options.max_close_wait = max(int(timeout * 1000), 100)  # the client's default is 300 s
+        """Send what is pending, waiting at most `timeout` seconds, then count what is left as dropped.
+
+        An InfluxDB known to be unreachable or refusing would not take the points: the stop does not wait for it.
+        """
+        if self.state in ("unreachable", "refusing"):
+            timeout = 0
+        self._options.max_close_wait = int(timeout * 1000)  # the client's default is 300 s
+        batching = self._write_api._disposable
         self._write_api.close()
+        # influxdb-client bug: close() forgets its batching pipeline even when it gave up waiting, and the pipeline's
+        # late completion then calls dispose() on None (an AttributeError traceback on a scheduler thread)
+        self._write_api._disposable = batching
         with self._lock:
             self._closed = True
             if self._pending:
@@ -937,7 +980,8 @@ class Simulator:
             elif self._next_arrival is not None and self._next_arrival < now - MAX_LAG_SECONDS:
                 self._next_arrival = now - MAX_LAG_SECONDS  # an overloaded machine skips arrivals, never piles them up
             while self._next_arrival is not None and self._next_arrival <= now:
-                payment = self.processor.begin(draw_request(self._rng, self.settings.currencies), self._rng, "simulator")
+                request = draw_request(self._rng, self.settings.currencies)
+                payment = self.processor.begin(request, self._rng, "simulator")
                 self._sequence += 1
                 heapq.heappush(self._in_flight, (self._next_arrival + payment.processing_time, self._sequence, payment))
                 rate = self.current_rate(self._next_arrival)
@@ -969,8 +1013,56 @@ class Simulator:
 # ---------------------------------------------------------------- HTTP
 
 
-IDLE_TIMEOUT_SECONDS = 15
+IDLE_TIMEOUT_SECONDS = 15  # an idle keep-alive connection is closed after this
+HEADER_SECONDS = 10  # request line and headers must arrive within this in total, however slowly they trickle
+BODY_SECONDS, BODY_BYTES_PER_SECOND = 10, 16 * 1024  # a body gets 10 s plus 1 s for every 16 KiB
 CONTENT_LENGTH = re.compile(r"[0-9]{1,9}")
+WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")
+SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+ECHO_LIMIT = 200  # characters of client input repeated in an answer or a log line
+
+
+class DeadlineReader(io.RawIOBase):
+    """A connection's reads with one deadline for a whole request, not a timeout per recv.
+
+    The stdlib's socket timeout applies to each recv, so a client trickling a byte every few seconds
+    would keep its thread forever. Here the first bytes of a request start HEADER_SECONDS for all
+    its headers, and a body gets time in proportion to its size; waiting for the next request of an
+    idle keep-alive connection keeps the handler's own timeout.
+    """
+
+    def __init__(self, raw, connection, idle_timeout):
+        super().__init__()
+        self.raw = raw
+        self.connection = connection
+        self.idle_timeout = idle_timeout
+        self.deadline = None  # None: idle, waiting for the first byte of a request
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the request did not arrive in time")
+            self.connection.settimeout(remaining)
+        count = self.raw.readinto(buffer)
+        if self.deadline is None and count:
+            self.deadline = time.monotonic() + HEADER_SECONDS
+        return count
+
+    def expect_body(self, length):
+        self.deadline = time.monotonic() + BODY_SECONDS + length / BODY_BYTES_PER_SECOND
+
+    def idle(self):
+        """The request is read: answers are written, and the next request awaited, with the idle timeout."""
+        self.deadline = None
+        self.connection.settimeout(self.idle_timeout)
+
+    def close(self):
+        self.raw.close()
+        super().close()
 
 
 class PaymentHandler(BaseHTTPRequestHandler):
@@ -997,28 +1089,44 @@ class PaymentHandler(BaseHTTPRequestHandler):
         ("DELETE", r"/api/scenarios/(?P<name>[^/]+)", "stop_scenario", True),
     )]
 
+    def setup(self):
+        super().setup()
+        self.reader = DeadlineReader(self.rfile.detach(), self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
     def dispatch(self):
         started, self.status = time.monotonic(), None
+        self.reader.idle()
         self.body_unread = "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
         app, url = self.server.app, urlsplit(self.path)
-        self.query = parse_qs(url.query)
+        self.query = parse_qs(url.query, keep_blank_values=True)
         app.track_request(+1)
         try:
+            self.check_framing()
             handler, params = self.find_route("GET" if self.command == "HEAD" else self.command, url.path)
             handler(**params)
         except ClientError as error:
             self.send_json(error.status, error.body, error.headers)
         except Exception:
-            log.exception("unexpected error", extra={"fields": {"method": self.command, "path": url.path}})
+            log.exception("unexpected error", extra={"fields": {"method": self.command,
+                                                                "path": url.path[:ECHO_LIMIT]}})
             self.send_json(500, {"error": "internal server error"})
         finally:
             app.track_request(-1)
         quiet = url.path in ("/health", "/metrics")
         log.log(logging.DEBUG if quiet else logging.INFO, "request", extra={"fields": {
-            "method": self.command, "path": url.path, "status": self.status,
+            "method": self.command, "path": url.path[:ECHO_LIMIT], "status": self.status,
             "durationMs": round((time.monotonic() - started) * 1000, 2), "client": self.client_address[0]}})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
+
+    def check_framing(self):
+        """One way to tell where the body ends, or none: anything else could smuggle a second request in it."""
+        lengths = self.headers.get_all("Content-Length", [])
+        if len(lengths) > 1:
+            raise MalformedBody("more than one Content-Length header")
+        if lengths and "Transfer-Encoding" in self.headers:
+            raise MalformedBody("Content-Length and Transfer-Encoding together")
 
     def find_route(self, method, path):
         """The handler method and path parameters; 404 for an unknown path, 405 (with Allow) for a wrong method."""
@@ -1032,15 +1140,17 @@ class PaymentHandler(BaseHTTPRequestHandler):
             if match and route_method not in allowed:
                 allowed.append(route_method)
         if not allowed:
-            raise NotFound(f"no such path: {path}")
-        error = MethodNotAllowed(f"{self.command} is not allowed on {path}", allowed=allowed)
-        error.headers["Allow"] = ", ".join(allowed + ["HEAD"] * ("GET" in allowed))
+            raise NotFound(f"no such path: {path[:ECHO_LIMIT]}")
+        allowed += ["HEAD"] * ("GET" in allowed)
+        error = MethodNotAllowed(f"{self.command} is not allowed on {path[:ECHO_LIMIT]}", allowed=allowed)
+        error.headers["Allow"] = ", ".join(allowed)
         raise error
 
     def check_admin_token(self):
         token = self.server.app.settings.admin_token
-        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if token and not hmac.compare_digest(given.encode(), token.encode()):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        given_token = given.strip().encode() if scheme.lower() == "bearer" else b""
+        if token and not hmac.compare_digest(given_token, token.encode()):
             error = Unauthorized("this change needs 'Authorization: Bearer <ADMIN_TOKEN>'")
             error.headers["WWW-Authenticate"] = "Bearer"
             raise error
@@ -1058,10 +1168,15 @@ class PaymentHandler(BaseHTTPRequestHandler):
             raise MalformedBody("Content-Length must be a whole number")
         if int(length) > MAX_BODY_BYTES:
             raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
+        self.reader.expect_body(int(length))
         try:
             body = self.rfile.read(int(length))
         except TimeoutError:
             raise RequestTimeout("the body did not arrive in time") from None
+        finally:
+            self.reader.idle()
+        if len(body) < int(length):
+            raise MalformedBody("the connection closed before the whole body arrived")
         self.body_unread = False
         if not body and not required:
             return None
@@ -1145,8 +1260,10 @@ class PaymentHandler(BaseHTTPRequestHandler):
         """Fault injection asked for in headers: X-Simulate-Failure: true, X-Simulate-Latency: <seconds>."""
         fail, latency = self.headers.get("X-Simulate-Failure"), self.headers.get("X-Simulate-Latency")
         try:
+            if latency and not SECONDS.fullmatch(latency.strip()):
+                raise ValueError
             fault = Fault(fail=parse_bool(fail) if fail else False, latency=float(latency) if latency else None)
-            if fault.latency is not None and not 0 <= fault.latency <= MAX_PROCESSING_SECONDS:
+            if fault.latency is not None and not fault.latency <= MAX_PROCESSING_SECONDS:
                 raise ValueError
         except ValueError:
             raise InvalidField("headers", "X-Simulate-Failure must be true or false, X-Simulate-Latency "
@@ -1156,7 +1273,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
     def list_payments(self):
         store = self.server.app.store
         text = self.query.get("limit", ["50"])[-1]
-        if not text.isdigit() or int(text) < 1:
+        if not WHOLE_NUMBER.fullmatch(text) or int(text) < 1:
             raise InvalidField("limit", "limit must be a whole number of at least 1")
         payments = store.recent(min(int(text), store.capacity))
         self.send_json(200, {"count": len(payments), "payments": [payment.to_json() for payment in payments]})
@@ -1167,7 +1284,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
     def get_payment(self, payment_id):
         payment = self.server.app.store.get(payment_id)
         if payment is None:
-            raise NotFound("payment not found", paymentId=payment_id[:100])
+            raise NotFound("payment not found", paymentId=payment_id[:ECHO_LIMIT])
         self.send_json(200, payment.to_json())
 
     def get_simulation(self):
@@ -1215,24 +1332,177 @@ class PaymentHandler(BaseHTTPRequestHandler):
     @staticmethod
     def known_scenario(name):
         if name not in SCENARIOS:
-            raise NotFound("no such scenario", scenario=name[:100], known=list(SCENARIOS))
+            raise NotFound("no such scenario", scenario=name[:ECHO_LIMIT], known=list(SCENARIOS))
 
 
 def is_number(value):
     return isinstance(value, (int, Decimal)) and not isinstance(value, bool)
 
 
+class OverflowHandler(PaymentHandler):
+    """Answers one request whose head the Overflow has already read, then closes the connection."""
+
+    def setup(self):
+        self.request, head = self.request
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(io.BytesIO(head))
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
+
+
+class Overflow:
+    """Connections beyond MAX_CONNECTIONS, held without a thread of their own.
+
+    One thread waits on all of them with a selector, reads each request head (briefly), answers
+    GET /health and /metrics so Prometheus keeps scraping, and answers anything else a fast 503 with
+    Retry-After. At most CAPACITY wait here; the oldest is closed to make room for a new one.
+    """
+    CAPACITY = 256
+    HEAD_SECONDS = 2.0
+    HEAD_BYTES = 8192
+    ANSWERED_HERE = {(b"GET", b"/health"), (b"GET", b"/metrics"), (b"HEAD", b"/health"), (b"HEAD", b"/metrics")}
+    BUSY = json.dumps({"error": "too many connections; retry in a second"}).encode()
+
+    def __init__(self, server):
+        self.server = server
+        self._selector = selectors.DefaultSelector()
+        self._waiting = OrderedDict()  # socket -> [client address, deadline, head bytes so far]
+        self._arrived = deque()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_writer.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._stop_event = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="http-overflow", daemon=True)
+        self._thread.start()
+
+    def admit(self, connection, client_address):
+        self._arrived.append((connection, client_address))
+        try:
+            self._wake_writer.send(b"\0")
+        except BlockingIOError:  # the thread has wake-ups enough pending
+            pass
+
+    def _run(self):
+        while not self._stop_event.is_set():
+            for key, _ in self._selector.select(timeout=0.5):
+                if key.fileobj is self._wake_reader:
+                    self._take_arrivals()
+                else:
+                    self._read(key.fileobj)
+            now = time.monotonic()
+            for connection in [c for c, (_, deadline, _) in self._waiting.items() if deadline < now]:
+                self._close(connection)
+
+    def _take_arrivals(self):
+        self._wake_reader.recv(4096)
+        while self._arrived:
+            connection, client_address = self._arrived.popleft()
+            if len(self._waiting) >= self.CAPACITY:
+                self._close(next(iter(self._waiting)))
+            connection.setblocking(False)
+            self._waiting[connection] = [client_address, time.monotonic() + self.HEAD_SECONDS, b""]
+            self._selector.register(connection, selectors.EVENT_READ)
+
+    def _read(self, connection):
+        try:
+            chunk = connection.recv(self.HEAD_BYTES)
+        except OSError:
+            chunk = b""
+        entry = self._waiting[connection]
+        entry[2] += chunk
+        if not chunk or len(entry[2]) > self.HEAD_BYTES:
+            self._close(connection)
+        elif b"\r\n\r\n" in entry[2]:
+            self._answer(connection, entry[0], entry[2])
+
+    def _answer(self, connection, client_address, head):
+        self._selector.unregister(connection)
+        del self._waiting[connection]
+        method, _, rest = head.partition(b" ")
+        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        try:
+            connection.settimeout(self.HEAD_SECONDS)
+            if (method, path) in self.ANSWERED_HERE:
+                OverflowHandler((connection, head), client_address, self.server)
+            else:
+                self.server.metrics.connections_shed.inc()
+                connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                   b"Retry-After: 1\r\nConnection: close\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(self.BUSY), self.BUSY))
+        except OSError:
+            pass
+        self.server.shutdown_request(connection)
+
+    def _close(self, connection):
+        self._selector.unregister(connection)
+        del self._waiting[connection]
+        self.server.shutdown_request(connection)
+
+    def stop(self):
+        self._stop_event.set()
+        self._wake_writer.send(b"\0")
+        self._thread.join()
+        for connection in list(self._waiting):
+            self._close(connection)
+        while self._arrived:
+            self.server.shutdown_request(self._arrived.popleft()[0])
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+
 class PaymentServer(ThreadingHTTPServer):
-    """A thread per connection; remembers open connections so a graceful stop can end them."""
+    """A thread per connection, up to MAX_CONNECTIONS; more wait in the Overflow without a thread.
+
+    It remembers open connections so a graceful stop can end them, and backs off when the process
+    runs out of file descriptors instead of retrying accept() in a busy loop.
+    """
     daemon_threads = False  # server_close() joins every connection thread
     request_queue_size = 1024  # the default of 5 resets connections under a burst of clients
+    OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
     def __init__(self, address, app):
         self.app = app
+        self.metrics = app.metrics
+        self.max_connections = app.settings.max_connections
         self.connections = set()
+        self._limit_reached_said = False
+        self._accept_backoff = 0.0
+        self._stop_event = threading.Event()
         super().__init__(address, PaymentHandler)
+        self.overflow = Overflow(self)
+
+    def get_request(self):
+        try:
+            connection = super().get_request()
+        except OSError as error:
+            if error.errno in self.OUT_OF_DESCRIPTORS:
+                self._back_off(error)
+            raise
+        if self._accept_backoff:
+            log.info("accepting connections again: file descriptors are free")
+            self._accept_backoff = 0.0
+        return connection
+
+    def _back_off(self, error):
+        """Out of file descriptors: wait (up to 1 s, doubling) for connections to close; say so once."""
+        if not self._accept_backoff:
+            log.warning("out of file descriptors: accepting new connections slows down until some close",
+                        extra={"fields": {"error": str(error), "open connections": len(self.connections)}})
+        self._accept_backoff = min(max(self._accept_backoff * 2, 0.01), 1.0)
+        self._stop_event.wait(self._accept_backoff)
 
     def process_request(self, request, client_address):
+        if len(self.connections) >= self.max_connections:
+            if not self._limit_reached_said:
+                self._limit_reached_said = True
+                log.warning("connection limit reached: further connections get 503, except /health and /metrics",
+                            extra={"fields": {"MAX_CONNECTIONS": self.max_connections}})
+            self.overflow.admit(request, client_address)
+            return
         self.connections.add(request)
         super().process_request(request, client_address)
 
@@ -1244,6 +1514,14 @@ class PaymentServer(ThreadingHTTPServer):
         """A client resetting its connection is ordinary (load tools do it); anything else is logged as an event."""
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             log.exception("connection failed", extra={"fields": {"client": client_address[0]}})
+
+    def shutdown(self):
+        self._stop_event.set()
+        super().shutdown()
+
+    def server_close(self):
+        self.overflow.stop()
+        super().server_close()
 
     def shutdown_connections(self, how):
         """SHUT_RD ends idle keep-alive connections while answers in progress still go out; SHUT_RDWR ends all."""
@@ -1284,12 +1562,13 @@ class PaymentApp:
 
     @property
     def url(self):
+        """Where a browser on this machine reaches the service (127.0.0.1 when it listens on every interface)."""
         host, port = self.server.server_address[:2]
-        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
     def start(self):
         self.server = PaymentServer((self.settings.host, self.settings.port), self)
-        self._server_thread = threading.Thread(target=self.server.serve_forever, name="http-server")
+        self._server_thread = threading.Thread(target=self.server.serve_forever, args=(0.1,), name="http-server")
         self._server_thread.start()
         self.simulator.start()
         for warning in self.settings.warnings:
@@ -1304,6 +1583,7 @@ class PaymentApp:
         self.stopping = True
         self.server.shutdown()
         self._server_thread.join()
+        self.server.socket.close()  # new connections are refused from now on, and a new process can bind the port
         self.server.shutdown_connections(socket.SHUT_RD)
         with self._idle:  # requests in progress may take all but the last second, which is InfluxDB's
             if not self._idle.wait_for(lambda: self._in_progress == 0, max(deadline - time.monotonic() - 1, 0)):
@@ -1337,8 +1617,26 @@ class LogFormatter(logging.Formatter):
             fields["exception"] = self.formatException(record.exc_info)
         if self.style == "json":
             return json.dumps(fields)
-        return " ".join([fields.pop("time"), fields.pop("level"), fields.pop("event")]
-                        + [f"{key}={value}" for key, value in fields.items()])
+        head = [fields.pop("time"), fields.pop("level"), text_value(fields.pop("event"))]
+        return " ".join(head + [f"{key}={text_value(value)}" for key, value in flatten(fields)])
+
+
+PLAIN_TEXT = re.compile(r"[\w.,:/@+%-]+")
+
+
+def flatten(fields, prefix=""):
+    """(dotted key, value) pairs of nested dicts: {"simulation": {"rate": 5}} gives ("simulation.rate", 5)."""
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def text_value(value):
+    """A value for a text log line: as it is when plain, else quoted and escaped, control characters included."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if PLAIN_TEXT.fullmatch(text) else json.dumps(text)
 
 
 def configure_logging(settings):
@@ -1371,7 +1669,10 @@ def main(argv=None):
                                                      "error": str(error)}})
         app.exporter.close(0)
         return 1
-    log.info(f"payment-api listening on {app.url}", extra={"fields": {
+    host, port = app.server.server_address[:2]
+    where = (f"every interface, port {port}: open {app.url} on this machine (from outside a container, its "
+             f"published port)" if host in ("0.0.0.0", "::") else app.url)
+    log.info(f"payment-api listening on {where}", extra={"fields": {
         "health": app.url + "/health", "metrics": app.url + "/metrics", "payments": app.url + "/api/payments",
         "simulation": app.simulator.config, "influxdb": app.exporter.health()["state"]}})
     stop_requested.wait()
@@ -1382,4 +1683,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    sys.stdout.flush()
+    # influxdb-client's flush timer runs on a thread that is no daemon and would hold the exit for up to one
+    # INFLUXDB_FLUSH_INTERVAL_MS; every point is written or counted by now, so nothing is left to wait for
+    os._exit(exit_code)

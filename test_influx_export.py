@@ -397,6 +397,44 @@ def test_stop_leaves_no_exporter_thread_behind_when_influxdb_is_down(make_app):
     left = lambda: [thread.name for thread in set(threading.enumerate()) - threads_before if thread.is_alive()]
     eventually(lambda: not left(), timeout=3, message="every app thread ended")
 
+# ---------------------------------------------------------------- no InfluxDB at all (a laptop without the stack)
+
+UNRESOLVABLE = "http://influxdb.invalid:8086"  # the compose default seen from a laptop: a name that never resolves
+QUICK_GIVE_UP = {"retry_interval": 10, "exponential_base": 2, "max_retry_delay": 20, "max_retries": 2,
+                 "max_retry_time": 200}  # a batch is given up in a fraction of a second instead of about 30 s
+
+
+def test_unreachable_influxdb_is_said_once_however_many_batches_are_given_up(make_app, caplog, monkeypatch):
+    monkeypatch.setattr(payment_api.InfluxExporter, "RETRIES", QUICK_GIVE_UP)
+    caplog.set_level(logging.INFO, logger="payment_api")
+    app = make_app(influxdb_url=f"http://127.0.0.1:{free_port()}", simulation_enabled=True, simulation_rate=200,
+                   **FAST_EXPORT)
+
+    # at least 10 batches given up: with the default retries, more than 5 minutes of an InfluxDB that is not there
+    eventually(lambda: metric_value(app.url, "payment_influx_points_dropped_total", reason="write_error") >= 200,
+               timeout=30, message="many batches given up")
+    app.stop()
+
+    about_influxdb = [(record.levelname, record.getMessage()) for record in caplog.records
+                      if record.name == "payment_api" and "InfluxDB" in record.getMessage()]
+    assert about_influxdb[0] == ("WARNING", payment_api.UNREACHABLE)
+    assert {message for _, message in about_influxdb[1:]} <= {"InfluxDB points left unwritten at shutdown"}
+
+
+def test_stop_does_not_wait_for_an_influxdb_that_cannot_be_reached(run_service):
+    service = run_service(INFLUXDB_URL=UNRESOLVABLE, SIMULATION_RATE="50")
+    eventually(lambda: influx_health(service.url)["state"] == "unreachable", message="InfluxDB found unreachable")
+    eventually(lambda: metric_value(service.url, "payment_influx_points_pending") > 0, message="points pending")
+
+    started = time.monotonic()
+    service.send_signal(signal.SIGTERM)
+    exit_code = service.wait(10)
+
+    assert (exit_code, time.monotonic() - started < 1.0) == (0, True), f"took {time.monotonic() - started:.2f} s"
+    events = [event["event"] for event in log_events(service.log_path)]
+    assert events.count(payment_api.UNREACHABLE) == 1
+    assert events[-2:] == ["InfluxDB points left unwritten at shutdown", "stopped"]
+
 # ---------------------------------------------------------------- SIGTERM
 
 PENDING_FOR_A_WHILE = {"INFLUXDB_FLUSH_INTERVAL_MS": str(payment_api.MAX_FLUSH_INTERVAL_MS),

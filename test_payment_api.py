@@ -76,8 +76,17 @@ def test_help_lists_every_setting_with_its_variable():
     assert result.returncode == 0
     help_text = " ".join(result.stdout.split())
     for spec in payment_api.dataclasses.fields(payment_api.Settings):
-        if "env" in spec.metadata:
+        if "env" in spec.metadata and spec.repr:
             assert f"env {spec.metadata['env']}" in help_text
+    assert "ADMIN_TOKEN and INFLUXDB_TOKEN are read from the environment only" in help_text
+
+
+@pytest.mark.parametrize("flag", ["--admin-token", "--influxdb-token"])
+def test_secrets_cannot_be_given_as_flags_where_ps_would_show_them(flag):
+    with pytest.raises(SystemExit) as exit_info:
+        payment_api.Settings.load([flag, "s3cret"], {})
+    assert exit_info.value.code == 2
+    assert payment_api.Settings.load([], {"ADMIN_TOKEN": "s3cret"}).admin_token == "s3cret"
 
 # ---------------------------------------------------------------- health, metrics, routing
 
@@ -132,8 +141,8 @@ def test_unknown_path_is_json_404_and_wrong_method_is_405_with_allow(app):
     assert status == 404 and "error" in body
     status, headers, body = http("DELETE", app.url + "/api/payments")
     assert status == 405 and set(headers["Allow"].split(", ")) == {"GET", "POST", "HEAD"}
-    status, _, body = http("PATCH", app.url + "/health")
-    assert status == 405 and body["allowed"] == ["GET"]
+    status, headers, body = http("PATCH", app.url + "/health")
+    assert status == 405 and body["allowed"] == ["GET", "HEAD"] == headers["Allow"].split(", ")
 
 
 def test_head_answers_like_get_without_a_body(app):
@@ -194,7 +203,7 @@ def test_unusable_content_length_is_a_json_400(app, length, status):
 
 
 def test_a_body_that_never_arrives_is_answered_408(app, monkeypatch):
-    monkeypatch.setattr(payment_api.PaymentHandler, "timeout", 0.3)
+    monkeypatch.setattr(payment_api, "BODY_SECONDS", 0.3)
     reply = exchange(app, b"POST /api/payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                           b"Content-Length: 100\r\n\r\n{\"amount\"")
     assert reply.startswith(b"HTTP/1.1 408")
