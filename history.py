@@ -1,0 +1,653 @@
+"""History on demand: days of simulated payments for Prometheus (an OpenMetrics file) and InfluxDB (the live points).
+
+Run it through the service: `python payment_api.py backfill --days 7 --openmetrics history.om --influxdb`
+(`--help` lists every option). The payments come from the simulator's own draws in payment_api.py; the file
+becomes Prometheus blocks with `promtool tsdb create-blocks-from openmetrics --max-block-duration=24h FILE DIR`.
+
+The history is a pure function of the seed and the time: each hour (a "chunk") draws its payments from a
+random generator seeded with the seed and the chunk's start, so separate runs for Prometheus and InfluxDB, any
+number of worker processes, and a longer --days all give the same payments for the same moment.
+"""
+import argparse
+import bisect
+import itertools
+import math
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from prometheus_client.utils import floatToGoString
+
+import payment_api
+from payment_api import AMOUNT_BUCKETS, DURATION_BUCKETS, OUTCOME_STATUSES, PAYMENT_TYPES
+
+PROG = "payment_api.py backfill"
+DAY = 86400
+MAX_DAYS = 31
+DEFAULT_STEP = 60  # seconds between samples: 5 samples in every [5m] window of the dashboard and the alerts
+MAX_STEP = 150  # rate(x[5m]) needs 2 samples in each window
+DEFAULT_SEED = 1
+DEFAULT_JOB, DEFAULT_INSTANCE = "payment-api", "localhost:8080"  # the target of prometheus/prometheus.local.yml
+DEFAULT_LABELS = "service=payment-api,environment=training"  # and its labels (prometheus.yml gives the same)
+CHUNK_PAYMENTS = 20_000  # payments a chunk holds at most on average: bounds each worker's memory
+INCIDENT_SLOT = 8 * 3600  # one past incident in each 8-hour slot of the UTC clock
+INCIDENT_KINDS = ("error_spike", "latency_degradation", "outage", "currency_outage")  # in turn
+INCIDENT_MINUTES = {"outage": (5, 10)}  # shortest and longest; the others run 15-30 minutes, long enough to alert
+INFLUXDB_BATCH_SIZE = 5000  # lines per write; InfluxData's recommended batch
+INFLUXDB_RETRIES = {"retry_interval": 1_000, "exponential_base": 2, "max_retry_delay": 5_000, "max_retries": 8,
+                    "max_retry_time": 120_000}  # as the live export retries
+
+# ---------------------------------------------------------------- options
+
+
+class OptionError(Exception):
+    """An option the backfill cannot use; the message names it."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line naming the option, exit 2 (argparse's default adds the whole usage)."""
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def checked(kind, low, high, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low < value <= high):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+        return value
+    return parse
+
+
+def parse_end(text):
+    """ISO-8601 time (Z or an offset; no offset means UTC) as whole epoch seconds, not in the future."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an ISO-8601 UTC time like 2026-11-20T06:00:00Z, not {text!r}")
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    end = math.floor(moment.timestamp())
+    if end > time.time() + 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is in the future; the history ends at the latest now")
+    return end
+
+
+def parse_labels(text):
+    labels = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if not (name.isidentifier() and name.isascii() and not name.startswith("__") and value):
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=VALUE")
+        if name in ("job", "instance"):
+            raise argparse.ArgumentTypeError(f"{name} has its own option, --{name}")
+        labels[name] = value
+    return labels
+
+
+def parse_step(text):
+    step = checked(int, 0, MAX_STEP, f"whole seconds from 1 to {MAX_STEP}")(text)
+    if DAY % step:
+        raise argparse.ArgumentTypeError(f"must divide a day (86400 s), so a sample falls on midnight; {step} does not")
+    return step
+
+
+def make_parser(settings):
+    parser = Parser(prog=PROG, description="Write days of simulated payments as an OpenMetrics file for promtool "
+                    "and/or as InfluxDB points, so 24-hour and 7-day views have history.",
+                    epilog="INFLUXDB_URL, INFLUXDB_TOKEN, INFLUXDB_ORG, INFLUXDB_BUCKET, INSTANCE, CURRENCIES, "
+                    "PAYMENT_FAILURE_RATE and SIMULATION_RATE are read as the service reads them.")
+    parser.add_argument("--days", type=checked(float, 0, MAX_DAYS, f"days greater than 0 and at most {MAX_DAYS}"),
+                        default=7.0, help=f"length of the history in days, fractions allowed, at most {MAX_DAYS} "
+                        "(default 7)")
+    parser.add_argument("--end", type=parse_end, default=None,
+                        help="when the history ends, ISO-8601 UTC like 2026-11-20T06:00:00Z (default now)")
+    parser.add_argument("--openmetrics", metavar="FILE", help="write the metrics' history to FILE (it appears "
+                        "under that name only when complete)")
+    parser.add_argument("--influxdb", action="store_true", help="write one point a payment to the InfluxDB of "
+                        "the INFLUXDB_* settings, exactly like the live export")
+    parser.add_argument("--seed", type=int, default=settings.simulation_seed if settings.simulation_seed is not None
+                        else DEFAULT_SEED, help="same seed, same history, byte for byte (default SIMULATION_SEED, "
+                        f"else {DEFAULT_SEED})")
+    parser.add_argument("--rate", type=checked(float, 0, payment_api.MAX_SIMULATION_RATE,
+                                               f"payments per second above 0, at most "
+                                               f"{payment_api.MAX_SIMULATION_RATE:g}"),
+                        default=settings.simulation_rate or 5.0,
+                        help="average payments per second (default SIMULATION_RATE, "
+                        f"{settings.simulation_rate:g})")
+    parser.add_argument("--profile", choices=payment_api.PROFILES, default="diurnal",
+                        help="traffic shape; diurnal has a 24-hour period: quiet at 00:00 UTC, busiest at 12:00 "
+                        "(default diurnal)")
+    parser.add_argument("--no-incidents", action="store_true",
+                        help="no past incidents (by default one runs in every 8 hours)")
+    parser.add_argument("--job", default=DEFAULT_JOB, help=f"job label of every series (default {DEFAULT_JOB})")
+    parser.add_argument("--instance", default=DEFAULT_INSTANCE,
+                        help=f"instance label of every series: the scraped address, as in prometheus.local.yml "
+                        f"(default {DEFAULT_INSTANCE}); in compose, the service's IP:8080")
+    parser.add_argument("--labels", type=parse_labels, default=parse_labels(DEFAULT_LABELS),
+                        help=f"the scrape config's static labels, NAME=VALUE,... (default {DEFAULT_LABELS}; "
+                        "empty for none)")
+    parser.add_argument("--step", type=parse_step, default=DEFAULT_STEP,
+                        help=f"seconds between samples in the file (default {DEFAULT_STEP})")
+    parser.add_argument("--jobs", type=checked(int, 0, 64, "a whole number from 1 to 64"),
+                        default=min(os.cpu_count() or 1, 4), help="worker processes drawing payments "
+                        "(default: the CPUs, at most 4); the output does not depend on it")
+    return parser
+
+# ---------------------------------------------------------------- the plan: time range, samples, incidents
+
+
+@dataclass(frozen=True)
+class Incident:
+    scenario: str
+    start: int
+    end: int
+
+
+def past_incidents(seed, start, end):
+    """One incident in each 8-hour slot of the UTC clock that lies wholly in [start, end], the kinds in turn."""
+    incidents = []
+    for slot in range(start // INCIDENT_SLOT, end // INCIDENT_SLOT + 1):
+        rng = random.Random(f"payment-api incidents {seed} {slot}")
+        scenario = INCIDENT_KINDS[(slot + seed) % len(INCIDENT_KINDS)]
+        shortest, longest = INCIDENT_MINUTES.get(scenario, (15, 30))
+        minutes = rng.randint(shortest, longest)
+        begins = slot * INCIDENT_SLOT + 60 * rng.randint(60, (INCIDENT_SLOT // 60) - 60 - minutes)
+        if start <= begins and begins + 60 * minutes <= end:
+            incidents.append(Incident(scenario, begins, begins + 60 * minutes))
+    return incidents
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a worker needs to draw the payments of one chunk; picklable."""
+    settings: payment_api.Settings
+    seed: int
+    rate: float
+    profile: str
+    start: int
+    end: int
+    step: int
+    chunk_seconds: int
+    incidents: tuple
+    influx_instance: str
+    with_lines: bool
+
+    def first_sample(self):
+        return -(-self.start // self.step) * self.step
+
+    def sample_times(self):
+        """Samples at every multiple of the step from the start, and one at the end."""
+        times = range(self.first_sample(), self.end + 1, self.step)
+        return [*times, self.end] if not times or times[-1] != self.end else list(times)
+
+    def effects_at(self, moment):
+        for incident in self.incidents:
+            if incident.start <= moment < incident.end:
+                return payment_api.SCENARIOS[incident.scenario][1]
+        return NO_EFFECTS
+
+    def rate_at(self, moment, effects):
+        """Payments per second at `moment`; diurnal follows the UTC clock, quiet at midnight, busiest at noon."""
+        elapsed = moment % DAY if self.profile == "diurnal" else moment
+        return self.rate * payment_api.profile_factor(self.profile, elapsed, DAY) * effects.rate_factor
+
+
+NO_EFFECTS = payment_api.Effects()
+
+
+def chunk_seconds(rate, step):
+    """An hour, or fewer whole steps when an hour would hold more than CHUNK_PAYMENTS payments at the busiest."""
+    steps = max(1, min(3600 // step, int(CHUNK_PAYMENTS / (rate * 1.8 * step))))
+    return steps * step
+
+# ---------------------------------------------------------------- drawing payments (in worker processes)
+
+
+class Row:
+    """Offsets of the counts one sample interval adds, in a flat list (cheap to pickle between processes)."""
+
+    def __init__(self, currencies):
+        self.currencies = currencies
+        self.status = {int(status): number for number, status in enumerate(OUTCOME_STATUSES)}
+        self.type = {name: number for number, name in enumerate(PAYMENT_TYPES)}
+        self.currency = {code: number for number, code in enumerate(currencies)}
+        count = len(currencies)
+        self.requests = 0  # [status][type][currency]
+        self.amount_buckets = self.requests + len(OUTCOME_STATUSES) * len(PAYMENT_TYPES) * count  # [cur][ok][le]
+        self.amount_sums = self.amount_buckets + count * 2 * (len(AMOUNT_BUCKETS) + 1)  # [currency][outcome]
+        self.duration_buckets = self.amount_sums + count * 2  # [outcome][le]
+        self.duration_sums = self.duration_buckets + 2 * (len(DURATION_BUCKETS) + 1)  # [outcome]
+        self.revenue = self.duration_sums + 2  # [currency], successful payments only
+        self.active = self.revenue + count  # payments started minus payments completed
+        self.width = self.active + 1
+
+    def request_slot(self, status, payment_type, currency):
+        return ((self.status[status] * len(PAYMENT_TYPES) + self.type[payment_type]) * len(self.currencies)
+                + self.currency[currency])
+
+    def amount_slot(self, currency, failed, bucket):
+        return self.amount_buckets + (self.currency[currency] * 2 + failed) * (len(AMOUNT_BUCKETS) + 1) + bucket
+
+    def duration_slot(self, failed, bucket):
+        return self.duration_buckets + failed * (len(DURATION_BUCKETS) + 1) + bucket
+
+    def histograms(self):
+        """(first bucket slot, bucket count) of every labelled histogram, for turning counts into cumulative ones."""
+        amounts = [(self.amount_slot(currency, failed, 0), len(AMOUNT_BUCKETS) + 1)
+                   for currency in self.currencies for failed in (0, 1)]
+        return amounts + [(self.duration_slot(failed, 0), len(DURATION_BUCKETS) + 1) for failed in (0, 1)]
+
+
+def draw_chunk(plan, chunk_start):
+    """The payments arriving in [chunk_start, chunk_start + chunk_seconds) that complete by the end.
+
+    Returns ({sample index: Row list of what completed in that interval}, [InfluxDB bodies], payments).
+    Payments are counted when they complete, as PaymentMetrics.record_payment counts them live.
+    """
+    settings, layout = plan.settings, Row(plan.settings.currencies)
+    rng = random.Random(f"payment-api history {plan.seed} {chunk_start}")
+    chunk_end = min(chunk_start + plan.chunk_seconds, plan.end)
+    incidents = [incident for incident in plan.incidents
+                 if incident.start < chunk_end + 1 and incident.end > chunk_start]
+
+    def effects_at(moment):
+        for incident in incidents:
+            if incident.start <= moment < incident.end:
+                return payment_api.SCENARIOS[incident.scenario][1]
+        return NO_EFFECTS
+
+    first_sample, step, start, end = plan.first_sample(), plan.step, plan.start, plan.end
+    request_slots = {(int(status), payment_type, currency): layout.request_slot(int(status), payment_type, currency)
+                     for status in OUTCOME_STATUSES for payment_type in PAYMENT_TYPES for currency in layout.currency}
+    amount_slots = {(currency, failed): layout.amount_slot(currency, failed, 0)
+                    for currency in layout.currency for failed in (False, True)}
+    amount_sums = {(currency, failed): layout.amount_sums + number * 2 + failed
+                   for currency, number in layout.currency.items() for failed in (False, True)}
+    revenue_slots = {currency: layout.revenue + number for currency, number in layout.currency.items()}
+    duration_slots = (layout.duration_slot(0, 0), layout.duration_slot(1, 0))
+    duration_sums, active, width = layout.duration_sums, layout.active, layout.width
+    find_bucket, draw_request, draw_outcome = bisect.bisect_left, payment_api.draw_request, payment_api.draw_outcome
+    rows, lines, bodies, payments = {}, [], [], 0
+    effects = effects_at(chunk_start)
+    arrival = chunk_start + rng.expovariate(plan.rate_at(chunk_start, effects))
+    while arrival < chunk_end:
+        if incidents:
+            effects = effects_at(arrival)
+        request = draw_request(rng, settings.currencies)
+        status, processing_time = draw_outcome(rng, request, settings, effects)
+        completed = arrival + processing_time
+        if arrival >= start and completed <= end:
+            payments += 1
+            index = -int((first_sample - completed) // step)  # the first sample at or after completion
+            row = rows.get(index) or rows.setdefault(index, [0] * width)
+            failed = status != 200
+            amount = float(request.amount)
+            row[request_slots[status, request.type, request.currency]] += 1
+            row[amount_slots[request.currency, failed] + find_bucket(AMOUNT_BUCKETS, amount)] += 1
+            row[amount_sums[request.currency, failed]] += amount
+            row[duration_slots[failed] + find_bucket(DURATION_BUCKETS, processing_time)] += 1
+            row[duration_sums + failed] += processing_time
+            if not failed:
+                row[revenue_slots[request.currency]] += amount
+            started = -int((first_sample - arrival) // step)
+            if started != index:  # in flight at the samples from `started` up to (not including) `index`
+                row[active] -= 1
+                (rows.get(started) or rows.setdefault(started, [0] * width))[active] += 1
+            if plan.with_lines:
+                payment = payment_api.Payment("", request, "history", processing_time, status, completed)
+                lines.append(payment_api.payment_line(payment, plan.influx_instance))
+                if len(lines) == INFLUXDB_BATCH_SIZE:
+                    bodies.append("\n".join(lines))
+                    lines = []
+        arrival += rng.expovariate(plan.rate_at(arrival, effects))
+    if lines:
+        bodies.append("\n".join(lines))
+    return rows, bodies, payments
+
+
+def chunks_in_order(plan, pool, jobs):
+    """(chunk start, draw_chunk's result) for every chunk in time order; the pool keeps a few chunks ahead."""
+    starts = range(plan.start // plan.chunk_seconds * plan.chunk_seconds, plan.end, plan.chunk_seconds)
+    if pool is None:
+        yield from ((start, draw_chunk(plan, start)) for start in starts)
+        return
+    waiting = deque()
+    for start in starts:
+        waiting.append((start, pool.apply_async(draw_chunk, (plan, start))))
+        if len(waiting) > 2 * jobs:  # bounded: a slow InfluxDB must not make results pile up here
+            chunk_start, result = waiting.popleft()
+            yield chunk_start, result.get()
+    while waiting:
+        chunk_start, result = waiting.popleft()
+        yield chunk_start, result.get()
+
+# ---------------------------------------------------------------- OpenMetrics: one temporary file a family
+
+
+def escape_help(text):
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def label_text(labels):
+    return "{" + ",".join(f'{name}="{value}"' for name, value in sorted(labels.items())) + "}"
+
+
+class OpenMetricsWriter:
+    """Writes each metric family to its own temporary file while the samples come in time order, then joins them.
+
+    OpenMetrics wants each family in one piece; the samples arrive a moment at a time. The final name appears
+    only by a rename when the file is complete, so a half-written file never looks finished.
+    """
+
+    def __init__(self, path, plan, target_labels):
+        self.path, self.plan, self.layout = path, plan, Row(plan.settings.currencies)
+        folder = os.path.dirname(os.path.abspath(path))
+        self.parts_folder = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+        self.families = self.describe_families(plan.settings)
+        self.files = {name: open(os.path.join(self.parts_folder, name), "w", encoding="utf-8", buffering=1 << 20)
+                      for name in self.families}
+        self.series = self.make_series(target_labels)
+        self.totals = [0] * self.layout.width
+        self.histograms = self.layout.histograms()
+        self.samples = 0
+
+    @staticmethod
+    def describe_families(settings):
+        """{family: (type, help)} read from the live service's own registry, so names and help cannot drift."""
+        stats = payment_api.PaymentStats(settings.currencies, time.time)
+        metrics = payment_api.PaymentMetrics(settings.currencies, stats, payment_api.ScenarioBoard(settings, time.time))
+        wanted = ("payment_requests", "payment_amount", "payment_duration_seconds", "payment_daily_revenue",
+                  "payment_failure_rate", "active_payments", "payment_scenario_active", "payment_simulation_rate")
+        families = {family.name: (family.type, family.documentation) for family in metrics.registry.collect()
+                    if family.name in wanted}
+        families["up"] = ("gauge", "1 when the last scrape of the target succeeded (the history was always up)")
+        return families
+
+    def make_series(self, target_labels):
+        """{family: [(line prefix, slot of its value in the vector add_sample builds)]} for every live series."""
+        layout, currencies = self.layout, self.plan.settings.currencies
+        self.extra = {name: layout.width + number for number, name in enumerate(
+            ("failure_rate", "rate", "up", *(f"scenario {name}" for name in payment_api.SCENARIOS)))}
+
+        def prefix(name, **labels):
+            return name + label_text({**target_labels, **labels}) + " "
+
+        series = {name: [] for name in self.families}
+        for status in OUTCOME_STATUSES:
+            for payment_type in PAYMENT_TYPES:
+                for currency in currencies:
+                    series["payment_requests"].append((
+                        prefix("payment_requests_total", method="POST", status=status, type=payment_type,
+                               currency=currency), layout.request_slot(int(status), payment_type, currency)))
+        for currency in currencies:
+            for failed, outcome in enumerate(("success", "failed")):
+                amount_sum = layout.amount_sums + layout.currency[currency] * 2 + failed
+                series["payment_amount"] += self.histogram_series(
+                    prefix, "payment_amount", {"currency": currency, "status": outcome}, AMOUNT_BUCKETS,
+                    layout.amount_slot(currency, failed, 0), amount_sum)
+        for failed, outcome in enumerate(("success", "failed")):
+            series["payment_duration_seconds"] += self.histogram_series(
+                prefix, "payment_duration_seconds", {"status": outcome}, DURATION_BUCKETS,
+                layout.duration_slot(failed, 0), layout.duration_sums + failed)
+        series["payment_daily_revenue"] = [(prefix("payment_daily_revenue", currency=currency), layout.revenue + number)
+                                           for number, currency in enumerate(currencies)]
+        series["payment_failure_rate"] = [(prefix("payment_failure_rate"), self.extra["failure_rate"])]
+        series["active_payments"] = [(prefix("active_payments"), layout.active)]
+        series["payment_scenario_active"] = [(prefix("payment_scenario_active", scenario=name),
+                                              self.extra[f"scenario {name}"]) for name in payment_api.SCENARIOS]
+        series["payment_simulation_rate"] = [(prefix("payment_simulation_rate"), self.extra["rate"])]
+        series["up"] = [(prefix("up"), self.extra["up"])]
+        return series
+
+    @staticmethod
+    def histogram_series(prefix, name, labels, bounds, first_bucket, sum_slot):
+        """Buckets (le written as the live client writes it), _count and _sum of one labelled histogram."""
+        rows = [(prefix(name + "_bucket", **labels, le=floatToGoString(bound)), first_bucket + number)
+                for number, bound in enumerate((*bounds, math.inf))]
+        return rows + [(prefix(name + "_count", **labels), first_bucket + len(bounds)),
+                       (prefix(name + "_sum", **labels), sum_slot)]
+
+    def add_sample(self, moment, row):
+        """The value of every series at `moment`, given what the sample interval ending there added."""
+        layout, totals = self.layout, self.totals
+        for slot, value in enumerate(row):
+            totals[slot] += value
+        if moment % DAY == 0:  # the UTC day's revenue starts again at 0 at midnight
+            for number in range(len(self.plan.settings.currencies)):
+                totals[layout.revenue + number] = 0
+        values = totals + [0] * len(self.extra)
+        for first, count in self.histograms:  # buckets are cumulative: le="0.1" counts everything up to 0.1
+            values[first:first + count] = itertools.accumulate(totals[first:first + count])
+        requests = row[:layout.amount_buckets]
+        completed = sum(requests)
+        failed = completed - sum(requests[:len(PAYMENT_TYPES) * len(self.plan.settings.currencies)])
+        values[self.extra["failure_rate"]] = 100.0 * failed / completed if completed else 0.0
+        values[self.extra["rate"]] = self.plan.rate_at(moment, self.plan.effects_at(moment))
+        values[self.extra["up"]] = 1
+        for incident in self.plan.incidents:
+            if incident.start <= moment < incident.end:
+                values[self.extra[f"scenario {incident.scenario}"]] = 1
+        stamp = f" {moment}\n"
+        for family, series in self.series.items():
+            self.files[family].write("".join([f"{text}{values[slot]}{stamp}" for text, slot in series]))
+        self.samples += 1
+
+    def finish(self):
+        """Join the families into the file under a temporary name, add # EOF, rename it into place."""
+        final = tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(os.path.abspath(self.path)),
+                                            prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", delete=False)
+        try:
+            with final:
+                for name, part in self.files.items():
+                    kind, documentation = self.families[name]
+                    final.write(f"# HELP {name} {escape_help(documentation)}\n# TYPE {name} {kind}\n".encode())
+                    part.close()
+                    with open(part.name, "rb") as source:
+                        while block := source.read(1 << 20):
+                            final.write(block)
+                final.write(b"# EOF\n")
+            os.chmod(final.name, 0o644)
+            os.replace(final.name, self.path)
+        except BaseException:
+            os.unlink(final.name)
+            raise
+        finally:
+            self.discard_parts()
+
+    def discard_parts(self):
+        for part in self.files.values():
+            part.close()
+            if os.path.exists(part.name):
+                os.unlink(part.name)
+        os.rmdir(self.parts_folder)
+
+# ---------------------------------------------------------------- InfluxDB: the batching WriteApi, bounded
+
+
+class InfluxWriter:
+    """Sends bodies of line protocol through influxdb-client's batching WriteApi, retried like the live export.
+
+    The WriteApi queues without limit, so write() waits while INFLUXDB_BUFFER_SIZE points are unanswered.
+    """
+
+    def __init__(self, settings):
+        from influxdb_client import InfluxDBClient, WritePrecision
+        from influxdb_client.client.write_api import WriteOptions
+        from reactivex.scheduler import EventLoopScheduler
+        self.settings = settings
+        self.precision = WritePrecision.NS
+        self.limit = max(settings.influxdb_buffer_size, INFLUXDB_BATCH_SIZE)
+        self.pending = 0
+        self.written = 0
+        self.not_written = 0
+        self.last_error = None
+        self.answered = threading.Condition()
+        self.client = InfluxDBClient(url=settings.influxdb_url, token=settings.influxdb_token,
+                                     org=settings.influxdb_org, timeout=30_000)
+        self.scheduler = EventLoopScheduler()  # a daemon thread: an unreachable InfluxDB cannot hold the exit
+        # Each body already is a batch: batch_size=1 sends it as it is.
+        self.options = WriteOptions(batch_size=1, flush_interval=1_000, write_scheduler=self.scheduler,
+                                    max_close_wait=INFLUXDB_RETRIES["max_retry_time"] + 30_000, **INFLUXDB_RETRIES)
+        self.write_api = self.client.write_api(write_options=self.options, success_callback=self.succeeded,
+                                               error_callback=self.failed)
+
+    def write(self, body):
+        points = body.count("\n") + 1
+        with self.answered:
+            self.answered.wait_for(lambda: self.pending + points <= self.limit or not self.pending)
+            self.pending += points
+        self.write_api.write(bucket=self.settings.influxdb_bucket, record=body, write_precision=self.precision)
+
+    def settle(self, data, outcome, error=None):
+        points = data.count(b"\n") + 1
+        with self.answered:
+            self.pending -= points
+            if outcome == "written":
+                self.written += points
+            else:
+                self.not_written += points
+                self.last_error = str(error)[:300]
+            self.answered.notify_all()
+
+    def succeeded(self, _conf, data):
+        self.settle(data, "written")
+
+    def failed(self, _conf, data, error):
+        self.settle(data, "not written", error)
+
+    def close(self):
+        """Wait for the answers (retries included), then count what never got one as not written."""
+        self.write_api.close()
+        with self.answered:
+            self.not_written += self.pending
+            self.pending = 0
+        self.client.close()
+        self.scheduler.dispose()
+
+# ---------------------------------------------------------------- main
+
+
+def stop_on_signal(signal_number, _frame):
+    raise SystemExit(128 + signal_number)
+
+
+def iso(epoch_seconds):
+    return datetime.fromtimestamp(epoch_seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def check_outputs(options, settings):
+    """OptionError naming the option when an output cannot be written, before any work is done."""
+    if not options.openmetrics and not options.influxdb:
+        raise OptionError("--openmetrics FILE or --influxdb (or both) is required")
+    if options.openmetrics:
+        path = os.path.abspath(options.openmetrics)
+        if os.path.isdir(path) or not os.access(os.path.dirname(path), os.W_OK):
+            raise OptionError(f"--openmetrics: cannot write {options.openmetrics} (its folder is missing or not "
+                              "writable, or it is a folder)")
+    if options.influxdb:
+        if not settings.influxdb_url:
+            raise OptionError("--influxdb: InfluxDB export is off (INFLUXDB_URL is empty)")
+        try:
+            import influxdb_client  # noqa: F401
+        except ImportError:
+            raise OptionError("--influxdb: the influxdb-client package is not installed "
+                              "(pip install -r requirements.txt)") from None
+
+
+def main(argv):
+    interrupted = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():  # an interrupted run cleans up after itself
+        signal.signal(signal.SIGTERM, stop_on_signal)
+    try:
+        return backfill(argv)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, interrupted)
+
+
+def backfill(argv):
+    try:
+        settings = payment_api.Settings.load((), os.environ)
+    except payment_api.SettingsError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
+    options = make_parser(settings).parse_args(argv)
+    try:
+        check_outputs(options, settings)
+    except OptionError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
+    end = options.end if options.end is not None else math.floor(time.time())
+    start = end - round(options.days * DAY)
+    incidents = () if options.no_incidents else tuple(past_incidents(options.seed, start, end))
+    plan = Plan(settings=settings, seed=options.seed, rate=options.rate, profile=options.profile, start=start,
+                end=end, step=options.step, chunk_seconds=chunk_seconds(options.rate, options.step),
+                incidents=incidents, influx_instance=settings.instance, with_lines=options.influxdb)
+    print(f"history from {iso(start)} to {iso(end)}: {options.rate:g} payments/s on average, profile "
+          f"{options.profile}, seed {options.seed}, {len(incidents)} incidents", flush=True)
+    for incident in incidents:
+        print(f"incident {iso(incident.start)} {iso(incident.end)} {incident.scenario}", flush=True)
+    return run(plan, options)
+
+
+def run(plan, options):
+    """Draw the chunks, turn them into samples and points, report; 1 when InfluxDB did not take every point."""
+    started = time.monotonic()
+    target_labels = {**options.labels, "job": options.job, "instance": options.instance}
+    pool = None
+    if options.jobs > 1:  # workers leave SIGTERM to its default, so pool.terminate() ends them
+        pool = multiprocessing.get_context("fork").Pool(options.jobs, initializer=signal.signal,
+                                                        initargs=(signal.SIGTERM, signal.SIG_DFL))
+    writer = influx = None
+    payments, waiting_rows, next_sample = 0, {}, 0
+    try:  # the workers are forked above, before influxdb-client starts its threads
+        writer = OpenMetricsWriter(options.openmetrics, plan, target_labels) if options.openmetrics else None
+        influx = InfluxWriter(plan.settings) if options.influxdb else None
+        times = plan.sample_times()
+        empty = [0] * Row(plan.settings.currencies).width
+        for chunk_start, (rows, bodies, count) in chunks_in_order(plan, pool, options.jobs):
+            payments += count
+            for body in bodies:
+                influx.write(body)
+            if writer:
+                for index, row in rows.items():
+                    known = waiting_rows.get(index)
+                    waiting_rows[index] = row if known is None else [a + b for a, b in zip(known, row)]
+                final_before = chunk_start + plan.chunk_seconds  # later chunks only add later completions
+                while next_sample < len(times) and times[next_sample] < final_before:
+                    writer.add_sample(times[next_sample], waiting_rows.pop(next_sample, empty))
+                    next_sample += 1
+        if writer:
+            while next_sample < len(times):
+                writer.add_sample(times[next_sample], waiting_rows.pop(next_sample, empty))
+                next_sample += 1
+            writer.finish()
+            print(f"wrote {options.openmetrics}: {writer.samples} samples of {sum(map(len, writer.series.values()))}"
+                  f" series, {os.path.getsize(options.openmetrics) / 1e6:.1f} MB", flush=True)
+            writer = None
+        if influx:
+            influx.close()
+            print(f"InfluxDB {plan.settings.influxdb_url} bucket {plan.settings.influxdb_bucket}: "
+                  f"{influx.written} points written, {influx.not_written} not written"
+                  + (f" (last error: {influx.last_error})" if influx.last_error else ""), flush=True)
+        print(f"{payments} payments in {time.monotonic() - started:.1f} s", flush=True)
+        return 1 if influx and influx.not_written else 0
+    finally:
+        if pool:
+            pool.terminate()
+        if writer:
+            writer.discard_parts()
+        if influx and influx.pending:
+            influx.close()

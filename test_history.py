@@ -1,0 +1,469 @@
+"""History on demand (`python payment_api.py backfill`), proved with the real promtool, Prometheus and victoria-metrics.
+
+One day of history (5 payments/s, diurnal, incidents) is written once for the module, to a file that promtool turns
+into blocks and to victoria-metrics through influxdb-client; a Prometheus started on those blocks answers the
+queries. The end is a fixed past time, so every run checks the same history.
+"""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+import history
+import payment_api
+from conftest import Prometheus, RecordingInfluxDB, ServerProcess, VictoriaMetrics, eventually, free_port, \
+    require_binary
+from test_stack import (COMPOSE, ENV_EXAMPLE, SEED_QUERIES, compose, dashboard, environment, grafana_value,
+                        interpolate, interpolations, panel_queries, shipped_alert,
+                        variable_label_query, variables)
+
+HERE = Path(__file__).resolve().parent
+END = "2026-11-20T06:00:00Z"  # a past time: the same history in every run
+END_SECONDS = int(datetime(2026, 11, 20, 6, tzinfo=timezone.utc).timestamp())
+START_SECONDS = END_SECONDS - 86400
+MIDNIGHT = END_SECONDS - 6 * 3600  # 2026-11-20T00:00:00Z, inside the history
+SEED = 7
+ALERT_OF_INCIDENT = {"error_spike": "HighPaymentErrorRate", "currency_outage": "HighPaymentErrorRate",
+                     "latency_degradation": "HighPaymentLatencyP95", "outage": "PaymentServiceUnavailable"}
+INCIDENT_ALERTS = sorted(set(ALERT_OF_INCIDENT.values()))
+
+
+def backfill(*args, env=None, check=True, timeout=120):
+    """Run `python payment_api.py backfill ARGS` as a trainer would; the finished process."""
+    result = subprocess.run([sys.executable, "payment_api.py", "backfill", *args], cwd=HERE, capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def create_blocks(openmetrics, data_dir):
+    promtool = require_binary("promtool")
+    result = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", "--max-block-duration=168h",
+                             str(openmetrics), str(data_dir)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def listed_incidents(output):
+    return [(history.parse_end(start), history.parse_end(end), scenario)
+            for start, end, scenario in re.findall(r"^incident (\S+) (\S+) (\w+)$", output, re.MULTILINE)]
+
+
+class PastPrometheus(ServerProcess):
+    """A real Prometheus that scrapes nothing and serves the blocks in `data_dir`."""
+
+    def __init__(self, tmp_path, data_dir):
+        port = free_port()
+        config = tmp_path / "empty-prometheus.yml"
+        config.write_text(json.dumps({"global": {"scrape_interval": "15s"}}))
+        super().__init__([require_binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
+                          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                         port, tmp_path, "prometheus-past", "/-/ready")
+
+    def at(self, promql, moment):
+        """The result of an instant query at `moment` (epoch seconds)."""
+        url = self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": promql, "time": moment})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.load(response)["data"]["result"]
+
+    def by(self, label, promql, moment):
+        return {row["metric"].get(label): float(row["value"][1]) for row in self.at(promql, moment)}
+
+
+class History:
+    def __init__(self, output, prometheus, victoria_metrics):
+        self.output, self.prometheus, self.victoria_metrics = output, prometheus, victoria_metrics
+        self.incidents = listed_incidents(output)
+
+
+@pytest.fixture(scope="module")
+def day(tmp_path_factory):
+    """One day of history in a file -> promtool -> Prometheus, and in victoria-metrics through --influxdb."""
+    folder = tmp_path_factory.mktemp("history")
+    victoria_metrics = VictoriaMetrics(folder)
+    victoria_metrics.args.append("-retentionPeriod=100y")  # the history's fixed end gets older every day
+    prometheus = PastPrometheus(folder, folder / "blocks")
+    try:
+        victoria_metrics.start()
+        result = backfill("--days", "1", "--end", END, "--seed", str(SEED), "--openmetrics", str(folder / "day.om"),
+                          "--influxdb", env={"INFLUXDB_URL": victoria_metrics.url, "SIMULATION_RATE": "5"})
+        create_blocks(folder / "day.om", folder / "blocks")
+        prometheus.start()
+        yield History(result.stdout, prometheus, victoria_metrics)
+    finally:
+        prometheus.stop()
+        victoria_metrics.stop()
+
+# ---------------------------------------------------------------- Prometheus: the metrics over the whole day
+
+
+def test_the_history_carries_the_scrape_labels_of_the_shipped_prometheus_configs(day):
+    local_job, = yaml.safe_load((HERE / "prometheus" / "prometheus.local.yml").read_text())["scrape_configs"]
+    group, = local_job["static_configs"]
+    expected = {"job": local_job["job_name"], "instance": group["targets"][0], **group["labels"]}
+    assert {"job": history.DEFAULT_JOB, "instance": history.DEFAULT_INSTANCE,
+            **history.parse_labels(history.DEFAULT_LABELS)} == expected
+    compose_job, = yaml.safe_load((HERE / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    constants = {rule["target_label"]: rule["replacement"] for rule in compose_job.get("relabel_configs", [])
+                 if "source_labels" not in rule}
+    static = {name: value for group in compose_job.get("static_configs", []) for name, value in
+              group.get("labels", {}).items()}
+    assert compose_job["job_name"] == history.DEFAULT_JOB and {**static, **constants} == group["labels"]
+    for row in day.prometheus.at('{__name__=~"payment_.*|active_payments|up"}', END_SECONDS):
+        assert expected.items() <= row["metric"].items(), row["metric"]
+
+
+def test_every_live_metric_has_its_live_name_type_and_labels(day):
+    live = payment_api.PaymentMetrics(("USD", "EUR", "GBP"), payment_api.PaymentStats(("USD",), lambda: 0),
+                                      payment_api.ScenarioBoard(payment_api.Settings(), lambda: 0))
+    live_samples = {}
+    for family in live.registry.collect():
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):
+                live_samples.setdefault(sample.name, set()).add(frozenset(sample.labels))
+    wanted = ("payment_requests_total", "payment_amount_bucket", "payment_amount_sum", "payment_amount_count",
+              "payment_duration_seconds_bucket", "payment_duration_seconds_sum", "payment_duration_seconds_count",
+              "payment_daily_revenue", "payment_failure_rate", "active_payments", "payment_scenario_active",
+              "payment_simulation_rate")
+    target = {"job", "instance", "service", "environment"}
+    for name in wanted:
+        rows = day.prometheus.at(name, END_SECONDS)
+        assert rows, name
+        history_labels = {frozenset(row["metric"]) - target - {"__name__"} for row in rows}
+        if name in live_samples:  # histograms without observations have no live samples yet
+            assert history_labels == live_samples[name], name
+    assert day.prometheus.by("job", "up", END_SECONDS) == {"payment-api": 1.0}
+
+
+def test_counters_only_rise_over_the_whole_day(day):
+    for name in ("payment_requests_total", "payment_amount_count", "payment_duration_seconds_bucket"):
+        drops = day.prometheus.at(f"sum(resets({name}[1d]))", END_SECONDS)
+        assert float(drops[0]["value"][1]) == 0, name
+    samples = day.prometheus.at("count_over_time(up[1d])", END_SECONDS)
+    assert float(samples[0]["value"][1]) == 86400 / history.DEFAULT_STEP + 1  # every minute, ends included
+
+
+def past_instants(day):
+    """A night, a morning, just after midnight, midday-ish and the last minute: not only 'now'."""
+    return [START_SECONDS + 3600, START_SECONDS + 6 * 3600, MIDNIGHT + 600, MIDNIGHT + 4 * 3600, END_SECONDS]
+
+
+def variable_values(day, variable):
+    """The values a dashboard variable offers over the history: its label's values, filtered by its regex."""
+    metric, label = variable_label_query(variable)
+    url = day.prometheus.url + f"/api/v1/label/{label}/values?" + urllib.parse.urlencode(
+        {"match[]": metric, "start": START_SECONDS, "end": END_SECONDS})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        values = json.load(response)["data"]
+    keep = re.compile(re.fullmatch(r"/(.*)/\w*", variable.get("regex") or "/.*/")[1])
+    return sorted(value for value in values if keep.search(value))
+
+
+def test_seed_queries_and_every_dashboard_query_answer_at_several_past_instants(day):
+    board = dashboard()
+    offered = {name: variable_values(day, variable) for name, variable in variables(board).items()}
+    assert all(offered.values()), offered
+    every = {name: grafana_value(values) for name, values in offered.items()}
+    one = {name: grafana_value(values[:1]) for name, values in offered.items()}
+    queries = list(SEED_QUERIES) + [interpolate(target["expr"], selection, window="5m")
+                                    for _, target in panel_queries(board, "prometheus") for selection in (every, one)]
+    assert len(queries) > 20
+    for moment in past_instants(day):
+        for query in queries:
+            result = day.prometheus.at(query, moment)
+            assert result, f"{query} at {history.iso(moment)}: no data"
+            assert any(math.isfinite(float(row["value"][1])) for row in result), (query, moment, result)
+
+
+def test_rates_have_data_at_every_step_of_a_whole_day_view(day):
+    url = day.prometheus.url + "/api/v1/query_range?" + urllib.parse.urlencode({
+        "query": "sum(rate(payment_requests_total[5m]))", "start": START_SECONDS + 300, "end": END_SECONDS,
+        "step": 300})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        (series,) = json.load(response)["data"]["result"]
+    assert len(series["values"]) == (86400 - 300) // 300 + 1
+
+
+def test_daily_revenue_drops_to_zero_at_a_past_utc_midnight(day):
+    before = day.prometheus.by("currency", "payment_daily_revenue", MIDNIGHT - 60)
+    at_midnight = day.prometheus.by("currency", "payment_daily_revenue", MIDNIGHT)
+    later = day.prometheus.by("currency", "payment_daily_revenue", MIDNIGHT + 3600)
+    currencies = set(payment_api.Settings().currencies)
+    assert set(before) == set(at_midnight) == set(later) == currencies
+    assert all(before[currency] > 1000 for currency in currencies), before
+    assert all(value == 0 for value in at_midnight.values()), at_midnight
+    assert all(0 < later[currency] < before[currency] for currency in currencies), (later, before)
+
+
+def test_hour_by_hour_payment_count_follows_the_day_busiest_at_least_three_times_the_quietest(day):
+    hours = range(START_SECONDS + 3600, END_SECONDS + 1, 3600)
+    counts = [float(day.prometheus.at("sum(increase(payment_requests_total[1h]))", hour)[0]["value"][1])
+              for hour in hours]
+    assert max(counts) >= 3 * min(counts), counts
+    busiest_hour = datetime.fromtimestamp(hours[counts.index(max(counts))] - 1800, timezone.utc).hour
+    assert 9 <= busiest_hour <= 15, counts  # the diurnal profile peaks at 12:00 UTC
+
+
+def test_past_incidents_are_listed_and_marked_and_the_shipped_alerts_see_only_them(day):
+    assert day.incidents, day.output
+    annotation = dashboard()["annotations"]["list"][1]["expr"]
+    for start, end, scenario in day.incidents:
+        assert START_SECONDS <= start < end <= END_SECONDS
+        middle = (start + end) // 2
+        assert [row["metric"]["scenario"] for row in day.prometheus.at(annotation, middle)] == [scenario]
+        alert = ALERT_OF_INCIDENT[scenario]
+        assert day.prometheus.at(shipped_alert(alert)["expr"], end), f"{alert} not true at the end of {scenario}"
+        if scenario == "outage":
+            fast_burn = shipped_alert("PaymentAvailabilitySLOBurn")["expr"]
+            assert day.prometheus.at(fast_burn, end), "the SLO fast-burn alert misses the outage"
+        for outside in (start - 1800, end + 1800):
+            if START_SECONDS + 300 <= outside <= END_SECONDS:
+                for name in INCIDENT_ALERTS:
+                    assert not day.prometheus.at(shipped_alert(name)["expr"], outside), (name, scenario, outside)
+                assert day.prometheus.at(annotation, outside) == []
+
+
+def test_no_incidents_means_no_scenario_and_no_incident_line(tmp_path):
+    result = backfill("--days", "0.5", "--end", END, "--no-incidents", "--rate", "0.2", "--openmetrics",
+                      str(tmp_path / "quiet.om"))
+    assert "incident " not in result.stdout and "0 incidents" in result.stdout
+    assert not re.search(r"^payment_scenario_active\{.*\} 1 ", (tmp_path / "quiet.om").read_text(), re.MULTILINE)
+
+# ---------------------------------------------------------------- InfluxDB: the same payments
+
+
+def test_influxdb_holds_as_many_points_per_day_and_currency_as_prometheus_counted(day):
+    payments = int(re.search(r"^(\d+) payments in", day.output, re.MULTILINE)[1])
+    assert f"{payments} points written, 0 not written" in day.output
+    urllib.request.urlopen(day.victoria_metrics.url + "/internal/force_flush", timeout=10).read()
+    for first, last in ((START_SECONDS, MIDNIGHT), (MIDNIGHT, END_SECONDS)):
+        totals = "sum by (currency) (payment_requests_total)"
+        at_last, at_first = day.prometheus.by("currency", totals, last), day.prometheus.by("currency", totals, first)
+        counted = {currency: at_last[currency] - at_first.get(currency, 0) for currency in at_last}
+        url = day.victoria_metrics.url + "/api/v1/query?" + urllib.parse.urlencode({
+            "query": f"sum by (currency) (count_over_time(payment_amount[{last - first}s]))", "time": last,
+            "nocache": 1})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            rows = json.load(response)["data"]["result"]
+        points = {row["metric"]["currency"]: float(row["value"][1]) for row in rows}
+        assert points == counted, (history.iso(first), history.iso(last))
+        increase = day.prometheus.by(
+            "currency", f"sum by (currency) (increase(payment_requests_total[{last - first}s]))", last)
+        assert all(abs(increase[c] - counted[c]) <= 0.01 * counted[c] for c in counted), (increase, counted)
+
+
+def test_points_are_written_like_the_live_export_and_a_second_run_writes_the_same_points(tmp_path):
+    runs = []
+    for _ in range(2):
+        with RecordingInfluxDB() as influxdb:
+            backfill("--days", "0.01", "--end", END, "--influxdb", env={"INFLUXDB_URL": influxdb.url,
+                                                                         "INSTANCE": "replica-1"})
+        runs.append(influxdb.lines())
+    assert runs[0] == runs[1] and len(runs[0]) > 100
+    for line in runs[0]:
+        series, fields, timestamp = line.split(" ")
+        measurement, *tags = series.split(",")
+        assert measurement == "payment"
+        assert [tag.split("=")[0] for tag in tags] == ["currency", "customer_id", "instance", "payment_type", "status"]
+        assert "instance=replica-1" in tags
+        assert [field.split("=")[0] for field in fields.split(",")] == ["amount", "processing_time"]
+        assert END_SECONDS - 900 <= int(timestamp) / 1e9 <= END_SECONDS
+
+
+def test_influxdb_unreachable_for_a_while_is_retried_and_nothing_is_lost(tmp_path):
+    with RecordingInfluxDB() as influxdb:
+        influxdb.refusing = True
+        process = subprocess.Popen([sys.executable, "payment_api.py", "backfill", "--days", "0.01", "--end", END,
+                                    "--influxdb"], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, env={**os.environ, "INFLUXDB_URL": influxdb.url})
+        try:
+            eventually(lambda: influxdb.refused >= 2, timeout=30, message="two refused writes")
+            influxdb.refusing = False
+            output, _ = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    assert process.returncode == 0, output
+    written = int(re.search(r"(\d+) points written, 0 not written", output)[1])
+    assert written == len(influxdb.lines()) > 100
+
+
+class RejectingInfluxDB(ThreadingHTTPServer):
+    """Answers every write 400 Bad Request, which influxdb-client does not retry."""
+    daemon_threads = True
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(handler):
+                handler.rfile.read(int(handler.headers["Content-Length"]))
+                body = b'{"code":"invalid","message":"rejected by the test"}'
+                handler.send_response(400)
+                handler.send_header("Content-Type", "application/json")
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            def log_message(handler, *args):
+                pass
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def test_points_influxdb_rejects_are_counted_and_the_command_fails():
+    server = RejectingInfluxDB()
+    thread = threading.Thread(target=server.serve_forever, name="rejecting-influxdb")
+    thread.start()
+    try:
+        result = backfill("--days", "0.01", "--end", END, "--influxdb", env={"INFLUXDB_URL": server.url}, check=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert result.returncode == 1, result.stdout + result.stderr
+    not_written = int(re.search(r"0 points written, (\d+) not written", result.stdout)[1])
+    assert not_written == int(re.search(r"^(\d+) payments in", result.stdout, re.MULTILINE)[1]) > 0
+    assert "rejected by the test" in result.stdout
+
+# ---------------------------------------------------------------- the file: same seed, same bytes; atomic; flat
+
+
+def test_the_same_seed_gives_byte_identical_files_whatever_the_number_of_workers(tmp_path):
+    common = ("--days", "0.1", "--end", END, "--rate", "20")
+    backfill(*common, "--jobs", "1", "--openmetrics", str(tmp_path / "one.om"))
+    backfill(*common, "--jobs", "2", "--openmetrics", str(tmp_path / "two.om"))
+    backfill(*common, "--seed", "99", "--openmetrics", str(tmp_path / "other.om"))
+    assert (tmp_path / "one.om").read_bytes() == (tmp_path / "two.om").read_bytes()
+    assert (tmp_path / "other.om").read_bytes() != (tmp_path / "one.om").read_bytes()
+    assert (tmp_path / "one.om").read_text().endswith("# EOF\n")
+
+
+def test_an_interrupted_run_leaves_no_file_behind(tmp_path):
+    target = tmp_path / "big.om"
+    process = subprocess.Popen([sys.executable, "payment_api.py", "backfill", "--days", "3", "--end", END,
+                                "--openmetrics", str(target)], cwd=HERE, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        eventually(lambda: any(tmp_path.iterdir()), timeout=30, message="the backfill's temporary files")
+        assert not target.exists()
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def peak_rss_kb(*args):
+    process = subprocess.Popen([sys.executable, "payment_api.py", "backfill", *args], cwd=HERE,
+                               stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0
+    return usage.ru_maxrss
+
+
+def test_memory_stays_flat_whatever_the_number_of_days(tmp_path):
+    common = ("--rate", "0.2", "--jobs", "1", "--openmetrics", str(tmp_path / "flat.om"))
+    short, long = peak_rss_kb("--days", "0.5", *common), peak_rss_kb("--days", "8", *common)
+    assert long < short + 10_000, (short, long)
+
+# ---------------------------------------------------------------- bad options
+
+
+@pytest.mark.parametrize("args, env, option", [
+    (["--days", "0"], {}, "--days"),
+    (["--days", "400"], {}, "--days"),
+    (["--days", "a week"], {}, "--days"),
+    (["--end", "2999-01-01T00:00:00Z"], {}, "--end"),
+    (["--end", "yesterday"], {}, "--end"),
+    (["--rate", "0"], {}, "--rate"),
+    (["--step", "7"], {}, "--step"),
+    (["--labels", "service"], {}, "--labels"),
+    (["--openmetrics", "/no/such/folder/history.om"], {}, "--openmetrics"),
+    (["--influxdb"], {"INFLUXDB_URL": ""}, "--influxdb"),
+    ([], {}, "--openmetrics"),
+    (["--openmetrics", "x.om"], {"PAYMENT_FAILURE_RATE": "2"}, "PAYMENT_FAILURE_RATE"),
+])
+def test_a_bad_option_stops_with_one_line_naming_it_and_exit_2(args, env, option, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        sys.exit(history.main(args))
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and option in captured.err, captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_influxdb_without_the_client_package_stops_with_exit_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "influxdb_client", None)  # import fails as if it were not installed
+    assert history.main(["--influxdb"]) == 2
+    assert "--influxdb: the influxdb-client package is not installed" in capsys.readouterr().err
+
+# ---------------------------------------------------------------- the seam with the live service
+
+
+def test_rate_and_increase_across_the_seam_with_the_live_service_have_no_spike(make_app, tmp_path):
+    rate = 40
+    app = make_app(simulation_enabled=True, simulation_rate=rate, failure_rate=0.03, simulation_profile="steady")
+    target = app.url.removeprefix("http://")
+    seam = math.floor(datetime.now(timezone.utc).timestamp())  # the history ends where the live service began
+    backfill("--days", "0.02", "--end", history.iso(seam), "--rate", str(rate), "--profile", "steady",
+             "--no-incidents", "--job", "payment-api", "--instance", target, "--labels", "",
+             "--openmetrics", str(tmp_path / "seam.om"))
+    create_blocks(tmp_path / "seam.om", tmp_path / "prom-data")
+    prometheus = Prometheus(tmp_path, target).start()  # on the backfilled data folder, scraping the live app
+    try:
+        history_samples = int(0.02 * 86400) // history.DEFAULT_STEP + 1
+        eventually(lambda: prometheus.query(f"count_over_time(up[1h]) > {history_samples + 20}"), timeout=60,
+                   interval=0.5,
+                   message="20 live scrapes after the history")
+        one_series = 'payment_requests_total{status="200",type="standard",currency="EUR"}'
+        assert len(prometheus.query(f"count_over_time({one_series}[1h])")) == 1  # history and live: one series
+        assert float(prometheus.query(f"resets({one_series}[1h])")[0]["value"][1]) == 1  # the live restart
+        url = prometheus.url + "/api/v1/query_range?" + urllib.parse.urlencode({
+            "query": "sum(rate(payment_requests_total[5m]))", "start": seam - 600, "end": seam + 20, "step": 5})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            (series,) = json.load(response)["data"]["result"]
+        values = [float(value) for _, value in series["values"]]
+        assert len(values) > 100 and 0.5 * rate < min(values) and max(values) < 1.5 * rate, (min(values), max(values))
+        increase = float(prometheus.query("sum(increase(payment_requests_total[2m]))")[0]["value"][1])
+        assert 0.5 * 120 * rate < increase < 1.5 * 120 * rate, increase
+    finally:
+        prometheus.stop()
+
+# ---------------------------------------------------------------- docker compose
+
+
+def test_compose_backfills_before_prometheus_starts_and_only_with_the_variables_the_tool_reads():
+    services = compose()["services"]
+    history_service, blocks = services["history"], services["prometheus-history"]
+    assert blocks["image"] == services["prometheus"]["image"]  # the promtool of the Prometheus that reads the blocks
+    assert services["prometheus"]["depends_on"]["prometheus-history"] == {"condition": "service_completed_successfully"}
+    assert blocks["depends_on"]["history"] == {"condition": "service_completed_successfully"}
+    assert history_service["depends_on"]["influxdb"] == {"condition": "service_healthy"}
+    assert "--max-block-duration=168h" in json.dumps(blocks)
+    readable = {name for spec in payment_api.dataclasses.fields(payment_api.Settings) if "env" in spec.metadata
+                for name in (spec.metadata["env"], *spec.metadata["aliases"])} | {"BACKFILL_DAYS"}
+    passed = environment(history_service)
+    assert set(passed) <= readable, set(passed) - readable
+    live = environment(services["payment-api"])
+    assert all(passed[name] == live[name] for name in passed if name in live)  # the same InfluxDB and rate
+    (name, default), = interpolations(str(passed["BACKFILL_DAYS"]))
+    example = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+                   if line.strip() and not line.startswith("#"))
+    assert example[name] == default == "7"
+    assert "/prometheus" in json.dumps(blocks["volumes"]) and COMPOSE.exists()
