@@ -66,6 +66,14 @@ def http(method, url, body=None, headers=None, timeout=10):
     return status, response_headers, json.loads(raw) if is_json and raw else raw
 
 
+def answers_health(url):
+    """Whether the service at `url` answers /health with 200 now (False while nothing listens there yet)."""
+    try:
+        return http("GET", url + "/health", timeout=1)[0] == 200
+    except OSError:
+        return False
+
+
 def metric_value(app_url, name, **labels):
     """Sum of the samples of `name` whose labels include `labels`, read from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -116,10 +124,7 @@ def run_service(tmp_path):
 
         def ready():
             assert process.poll() is None, log_path.read_text()
-            try:
-                return http("GET", process.url + "/health", timeout=1)[0] == 200
-            except OSError:
-                return False
+            return answers_health(process.url)
         eventually(ready, timeout=15, message="service ready")
         return process
 
