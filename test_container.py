@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import eventually, free_port, http, require_binary
+from conftest import answers_health, eventually, free_port, http, require_binary
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("PAYMENT_API_BASE_CACHE", "/var/tmp/payment-api-ci"))
@@ -138,10 +138,7 @@ def start_container(image):
     def healthy():
         state = json.loads(podman("inspect", name).stdout)[0]["State"]
         assert state["Status"] == "running", (state, podman("logs", name).stdout)
-        try:
-            return http("GET", url + "/health", timeout=1)[0] == 200
-        except OSError:
-            return False
+        return answers_health(url)
 
     try:
         eventually(healthy, timeout=30, interval=0.1, message=f"container {name} answers /health")

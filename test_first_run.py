@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import eventually, free_port, http, metric_value, require_binary
+from conftest import answers_health, eventually, free_port, metric_value, require_binary
 
 HERE = Path(__file__).resolve().parent
 SECTION = "The two commands"
@@ -85,10 +85,7 @@ def test_the_run_command_from_a_fresh_clone_serves_health_and_payments(tmp_path)
 
     def answers():
         assert shell.poll() is None, f"`{command}` exited {shell.returncode}:\n{log_path.read_text()}"
-        try:
-            return http("GET", url + "/health", timeout=1)[0] == 200
-        except OSError:
-            return False
+        return answers_health(url)
 
     try:
         eventually(answers, timeout=240, interval=0.2, message=f"`{command}` serves /health")
