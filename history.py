@@ -11,18 +11,22 @@ number of worker processes, and a longer --days all give the same payments for t
 import argparse
 import bisect
 import itertools
+import json
 import math
 import multiprocessing
 import os
 import random
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 from prometheus_client.utils import floatToGoString
 
@@ -111,8 +115,11 @@ def make_parser(settings):
     parser.add_argument("--days", type=checked(float, 0, MAX_DAYS, f"days greater than 0 and at most {MAX_DAYS}"),
                         default=7.0, help=f"length of the history in days, fractions allowed, at most {MAX_DAYS} "
                         "(default 7)")
-    parser.add_argument("--end", type=parse_end, default=None,
+    ends = parser.add_mutually_exclusive_group()
+    ends.add_argument("--end", type=parse_end, default=None,
                         help="when the history ends, ISO-8601 UTC like 2026-11-20T06:00:00Z (default now)")
+    ends.add_argument("--live-url", metavar="URL", help="the running service the history leads up to: end where it "
+                        "started (its /health uptime) and take its scraped address IP:PORT as --instance")
     parser.add_argument("--openmetrics", metavar="FILE", help="write the metrics' history to FILE (it appears "
                         "under that name only when complete)")
     parser.add_argument("--influxdb", action="store_true", help="write one point a payment to the InfluxDB of "
@@ -547,6 +554,18 @@ def iso(epoch_seconds):
     return datetime.fromtimestamp(epoch_seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def live_service(url):
+    """(start in epoch seconds, IP:PORT address Prometheus scrapes) of the service at `url`; OptionError if none."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10) as response:
+            uptime = json.load(response)["uptimeSeconds"]
+        address = urlsplit(url)
+        ip = socket.getaddrinfo(address.hostname, address.port or 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (OSError, ValueError, KeyError) as error:
+        raise OptionError(f"--live-url: no payment-api answers at {url} ({error})") from None
+    return math.floor(time.time() - uptime), f"{ip}:{address.port or 80}"
+
+
 def check_outputs(options, settings):
     """OptionError naming the option when an output cannot be written, before any work is done."""
     if not options.openmetrics and not options.influxdb:
@@ -590,6 +609,12 @@ def backfill(argv):
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
     end = options.end if options.end is not None else math.floor(time.time())
+    if options.live_url:
+        try:
+            end, options.instance = live_service(options.live_url)
+        except OptionError as error:
+            print(f"{PROG}: {error}", file=sys.stderr)
+            return 2
     start = end - round(options.days * DAY)
     incidents = () if options.no_incidents else tuple(past_incidents(options.seed, start, end))
     plan = Plan(settings=settings, seed=options.seed, rate=options.rate, profile=options.profile, start=start,

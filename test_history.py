@@ -11,11 +11,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-import threading
 from pathlib import Path
 
 import pytest
@@ -391,6 +392,8 @@ def test_memory_stays_flat_whatever_the_number_of_days(tmp_path):
     (["--rate", "0"], {}, "--rate"),
     (["--step", "7"], {}, "--step"),
     (["--labels", "service"], {}, "--labels"),
+    (["--live-url", "http://127.0.0.1:9/", "--openmetrics", "x.om"], {}, "--live-url"),
+    (["--live-url", "http://127.0.0.1:9/", "--end", END], {}, "--live-url"),
     (["--openmetrics", "/no/such/folder/history.om"], {}, "--openmetrics"),
     (["--influxdb"], {"INFLUXDB_URL": ""}, "--influxdb"),
     ([], {}, "--openmetrics"),
@@ -418,12 +421,13 @@ def test_influxdb_without_the_client_package_stops_with_exit_2(monkeypatch, caps
 
 def test_rate_and_increase_across_the_seam_with_the_live_service_have_no_spike(make_app, tmp_path):
     rate = 40
+    app_started = time.time()
     app = make_app(simulation_enabled=True, simulation_rate=rate, failure_rate=0.03, simulation_profile="steady")
     target = app.url.removeprefix("http://")
-    seam = math.floor(datetime.now(timezone.utc).timestamp())  # the history ends where the live service began
-    backfill("--days", "0.02", "--end", history.iso(seam), "--rate", str(rate), "--profile", "steady",
-             "--no-incidents", "--job", "payment-api", "--instance", target, "--labels", "",
-             "--openmetrics", str(tmp_path / "seam.om"))
+    result = backfill("--days", "0.02", "--live-url", app.url, "--rate", str(rate), "--profile", "steady",
+                      "--no-incidents", "--job", "payment-api", "--labels", "", "--openmetrics", str(tmp_path / "seam.om"))
+    seam = history.parse_end(re.search(r" to (\S+):", result.stdout)[1])
+    assert abs(seam - app_started) <= 1  # the history ends where the live service began
     create_blocks(tmp_path / "seam.om", tmp_path / "prom-data")
     prometheus = Prometheus(tmp_path, target).start()  # on the backfilled data folder, scraping the live app
     try:
@@ -448,14 +452,13 @@ def test_rate_and_increase_across_the_seam_with_the_live_service_have_no_spike(m
 # ---------------------------------------------------------------- docker compose
 
 
-def test_compose_backfills_before_prometheus_starts_and_only_with_the_variables_the_tool_reads():
+def test_compose_backfills_before_prometheus_starts_with_only_the_variables_the_tool_reads():
     services = compose()["services"]
     history_service, blocks = services["history"], services["prometheus-history"]
     assert blocks["image"] == services["prometheus"]["image"]  # the promtool of the Prometheus that reads the blocks
     assert services["prometheus"]["depends_on"]["prometheus-history"] == {"condition": "service_completed_successfully"}
     assert blocks["depends_on"]["history"] == {"condition": "service_completed_successfully"}
-    assert history_service["depends_on"]["influxdb"] == {"condition": "service_healthy"}
-    assert "--max-block-duration=168h" in json.dumps(blocks)
+    assert history_service["depends_on"]["payment-api"] == {"condition": "service_healthy"}  # --live-url needs it
     readable = {name for spec in payment_api.dataclasses.fields(payment_api.Settings) if "env" in spec.metadata
                 for name in (spec.metadata["env"], *spec.metadata["aliases"])} | {"BACKFILL_DAYS"}
     passed = environment(history_service)
@@ -465,5 +468,39 @@ def test_compose_backfills_before_prometheus_starts_and_only_with_the_variables_
     (name, default), = interpolations(str(passed["BACKFILL_DAYS"]))
     example = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
                    if line.strip() and not line.startswith("#"))
-    assert example[name] == default == "7"
-    assert "/prometheus" in json.dumps(blocks["volumes"]) and COMPOSE.exists()
+    assert name == "BACKFILL_DAYS" and example[name] == default == "7"
+    retention = next(arg for arg in services["prometheus"]["command"] if arg.startswith("--storage.tsdb.retention.time"))
+    assert int(retention.split("=")[1].removesuffix("d")) > history.MAX_DAYS
+
+
+def compose_script(service, tmp_path, live_url):
+    """The shell command of a one-shot compose service, runnable here: volumes in tmp_path, real binaries."""
+    script = compose()["services"][service]["command"][0].replace("$$", "$")
+    for volume in ("/prometheus", "/influxdb"):
+        script = script.replace(f" {volume}", f" {tmp_path}{volume}")
+    script = script.replace("http://payment-api:8080", live_url).replace("python ", f"{sys.executable} ")
+    script = script.replace("promtool ", require_binary("promtool") + " ")
+    return script if os.geteuid() == 0 else script.replace("chown -R", "true")
+
+
+def test_compose_history_steps_write_both_stores_once_per_volume(make_app, tmp_path):
+    app = make_app()
+    (tmp_path / "prometheus").mkdir()
+    (tmp_path / "influxdb").mkdir()
+
+    def run(service, **env):
+        return subprocess.run(["sh", "-c", compose_script(service, tmp_path, app.url)], cwd=HERE, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, **env})
+
+    with RecordingInfluxDB() as influxdb:
+        first = run("history", BACKFILL_DAYS="0.01", INFLUXDB_URL=influxdb.url)
+        assert first.returncode == 0 and "0 not written" in first.stdout, first.stdout + first.stderr
+        blocks = run("prometheus-history")
+        assert blocks.returncode == 0, blocks.stdout + blocks.stderr
+        again = run("history", BACKFILL_DAYS="0.01", INFLUXDB_URL=influxdb.url)
+    assert len(influxdb.lines()) == int(re.search(r"(\d+) points written", first.stdout)[1]) > 0
+    assert "already written" in again.stdout, again.stdout + again.stderr
+    assert sorted(path.name for path in (tmp_path / "prometheus").iterdir() if not path.is_dir()) == [
+        "payment-api-history.done"]  # the file became blocks and is gone
+    assert any(path.is_dir() and len(path.name) == 26 for path in (tmp_path / "prometheus").iterdir())  # a ULID
+    assert run("history", BACKFILL_DAYS="0").stdout.startswith("history: off")
