@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 CHECKER = HERE / ".ci" / "flux" / "check.mjs"
 PACKAGE = "@influxdata/flux-lsp-browser"
 DATASOURCES = HERE / "grafana" / "provisioning" / "datasources" / "datasources.yml"
-SKIP_FOLDERS = {"node_modules", "venv", "__pycache__"}  # and every folder whose name starts with a dot
+SKIP_FOLDERS = {"node_modules", "venv", "site-packages", "dist-packages", "__pycache__"}  # and hidden ones
 
 # What Grafana's InfluxDB data source (Flux mode) writes in place of its macros, for a one-hour dashboard range.
 FLUX_MACROS = {"v.timeRangeStart": "2026-01-01T00:00:00Z", "v.timeRangeStop": "2026-01-01T01:00:00Z",
