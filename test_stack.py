@@ -42,7 +42,8 @@ FAST_HOLDS = {"1m": "5s", "2m": "5s", "5m": "5s", "15m": "10s"}
 LONGEST_FAST_WINDOW, LONGEST_FAST_HOLD = 90, 10  # seconds
 TRAFFIC = {"simulation_enabled": True, "simulation_rate": 100, "failure_rate": 0.03}
 INCIDENT_TIMEOUT = 60  # seconds for an alert to fire, or to resolve: 20 s window + 5 s hold + a noisy machine
-HEALTH_ALERTS = ("PaymentApiDown", "PaymentApiTargetMissing", "SimulatedTrafficStopped")  # never in an incident
+HEALTH_ALERTS = ("PaymentApiDown", "PaymentApiUnreachable", "PaymentApiTargetMissing",
+                 "SimulatedTrafficStopped")  # never in an incident
 
 # ---------------------------------------------------------------- helpers: durations and rules
 
@@ -346,17 +347,17 @@ def variables(board):
 
 
 def variable_label_query(variable):
-    """(metric, label) of a `label_values(metric, label)` variable query."""
+    """(series selector, label) of a `label_values(metric, label)` or `label_values(metric{...}, label)` query."""
     definition = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
-    match = re.fullmatch(r"label_values\(\s*(\w+)\s*,\s*(\w+)\s*\)", definition.strip())
+    match = re.fullmatch(r"label_values\(\s*(\w+(?:\{[^}]*\})?)\s*,\s*(\w+)\s*\)", definition.strip())
     assert match, f"variable {variable['name']}: unsupported query {definition!r}"
     return match[1], match[2]
 
 
 def variable_options(stack, variable):
     """The values Grafana offers: the label's values filtered by the variable's regex, sorted."""
-    metric, label = variable_label_query(variable)
-    values = stack.api(f"/api/v1/label/{label}/values", **{"match[]": metric})
+    selector, label = variable_label_query(variable)
+    values = stack.api(f"/api/v1/label/{label}/values", **{"match[]": selector})
     pattern = variable.get("regex") or "/.*/"
     keep = re.compile(re.fullmatch(r"/(.*)/\w*", pattern)[1])
     return sorted(value for value in values if keep.search(value))
@@ -398,15 +399,18 @@ def test_dashboard_variables_offer_the_service_currencies_and_types_from_prometh
     status, _, _ = http("POST", stack.app.url + "/api/payments", {"amount": 5, "currency": "XXX", "type": "gift"})
     assert status == 400  # a rejected payment brings the label value "invalid" the variables must hide
     board = dashboard()
-    expected = {"currency": sorted(stack.app.settings.currencies), "payment_type": sorted(payment_api.PAYMENT_TYPES)}
+    expected = {"currency": sorted(stack.app.settings.currencies), "payment_type": sorted(payment_api.PAYMENT_TYPES),
+                "instance": [stack.app.url.removeprefix("http://")]}  # the replicas, by scraped address
     assert set(variables(board)) == set(expected)
     for name, variable in variables(board).items():
         assert variable["definition"] == variable["query"]["query"]
-        assert (variable["query"]["metric"], variable["query"]["label"]) == variable_label_query(variable)
-        metric, label = variable_label_query(variable)
-        eventually(lambda: payment_api.INVALID in stack.api(f"/api/v1/label/{label}/values", **{"match[]": metric}),
-                   timeout=30, interval=0.5, message=f"label value invalid scraped for {label}")
+        selector, label = variable_label_query(variable)
+        assert (variable["query"]["metric"], variable["query"]["label"]) == (selector.split("{")[0], label)
+        if label != "instance":
+            eventually(lambda: payment_api.INVALID in stack.api(f"/api/v1/label/{label}/values", **{"match[]": selector}),
+                       timeout=30, interval=0.5, message=f"label value invalid scraped for {label}")
         assert variable_options(stack, variable) == expected[name]
+        assert variable["includeAll"] and variable["current"]["value"] == ["$__all"], name
 
 
 def test_every_dashboard_promql_query_returns_data_for_one_several_and_all_values(stack):
@@ -499,7 +503,11 @@ def test_flux_queries_name_only_the_bucket_measurement_fields_and_tags_the_servi
 
 def test_every_panel_query_annotation_and_variable_uses_a_provisioned_datasource():
     board, types = dashboard(), provisioned_datasources()
-    users = [(f"panel {panel['id']}", panel) for panel in all_panels(board["panels"]) if panel["type"] != "row"]
+    users = [(f"panel {panel['id']}", panel) for panel in all_panels(board["panels"])
+             if panel["type"] not in ("row", "alertlist")]
+    names = {source["name"]: source["type"] for source in yaml.safe_load(DATASOURCES.read_text())["datasources"]}
+    alert_lists = [panel for panel in all_panels(board["panels"]) if panel["type"] == "alertlist"]
+    assert alert_lists and all(names.get(panel["options"]["datasource"]) == "prometheus" for panel in alert_lists)
     users += [(f"panel {panel['id']} target {target['refId']}", target)
               for panel in all_panels(board["panels"]) for target in panel.get("targets", [])]
     users += [(f"annotation {item['name']}", item) for item in board["annotations"]["list"] if not item.get("builtIn")]
@@ -627,9 +635,9 @@ def test_compose_prometheus_scrapes_the_payment_api_service_on_its_container_por
     config = yaml.safe_load(config_path.read_text())
     assert all((config_path.parent / rule_file).is_file() for rule_file in config["rule_files"])
     job, = config["scrape_configs"]
-    target, = [target for group in job["static_configs"] for target in group["targets"]]
-    host, port = target.split(":")
-    assert host in services and host == "payment-api"
+    discovery, = job["dns_sd_configs"]  # every replica of the compose service, by DNS
+    host, port = discovery["names"], str(discovery["port"])
+    assert host == ["payment-api"] and host[0] in services
     published = [str(mapping).rsplit(":", 1)[1] for mapping in services["payment-api"]["ports"]]
     assert published == [port]
     assert dockerfile_instructions("EXPOSE") == [port]
