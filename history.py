@@ -2,7 +2,7 @@
 
 Run it through the service: `python payment_api.py backfill --days 7 --openmetrics history.om --influxdb`
 (`--help` lists every option). The payments come from the simulator's own draws in payment_api.py; the file
-becomes Prometheus blocks with `promtool tsdb create-blocks-from openmetrics --max-block-duration=24h FILE DIR`.
+becomes Prometheus blocks with `promtool tsdb create-blocks-from openmetrics --max-block-duration=168h FILE DIR`.
 
 The history is a pure function of the seed and the time: each hour (a "chunk") draws its payments from a
 random generator seeded with the seed and the chunk's start, so separate runs for Prometheus and InfluxDB, any
@@ -39,7 +39,8 @@ MAX_DAYS = 31
 DEFAULT_STEP = 60  # seconds between samples: 5 samples in every [5m] window of the dashboard and the alerts
 MAX_STEP = 150  # rate(x[5m]) needs 2 samples in each window
 DEFAULT_SEED = 1
-DEFAULT_JOB, DEFAULT_INSTANCE = "payment-api", "localhost:8080"  # the target of prometheus/prometheus.local.yml
+DEFAULT_JOB = "payment-api"  # the scrape job of prometheus/prometheus.yml and prometheus.local.yml
+DEFAULT_INSTANCE = "localhost:8080"  # the target of prometheus.local.yml (compose passes --live-url)
 DEFAULT_LABELS = "service=payment-api,environment=training"  # and its labels (prometheus.yml gives the same)
 CHUNK_PAYMENTS = 20_000  # payments a chunk holds at most on average: bounds each worker's memory
 INCIDENT_SLOT = 8 * 3600  # one past incident in each 8-hour slot of the UTC clock
@@ -119,7 +120,8 @@ def make_parser(settings):
     ends.add_argument("--end", type=parse_end, default=None,
                         help="when the history ends, ISO-8601 UTC like 2026-11-20T06:00:00Z (default now)")
     ends.add_argument("--live-url", metavar="URL", help="the running service the history leads up to: end where it "
-                        "started (its /health uptime) and take its scraped address IP:PORT as --instance")
+                        "started (its /health uptime); its IP:PORT is the default --instance, as DNS discovery "
+                        "in compose scrapes it")
     parser.add_argument("--openmetrics", metavar="FILE", help="write the metrics' history to FILE (it appears "
                         "under that name only when complete)")
     parser.add_argument("--influxdb", action="store_true", help="write one point a payment to the InfluxDB of "
@@ -139,9 +141,9 @@ def make_parser(settings):
     parser.add_argument("--no-incidents", action="store_true",
                         help="no past incidents (by default one runs in every 8 hours)")
     parser.add_argument("--job", default=DEFAULT_JOB, help=f"job label of every series (default {DEFAULT_JOB})")
-    parser.add_argument("--instance", default=DEFAULT_INSTANCE,
+    parser.add_argument("--instance", default=None,
                         help=f"instance label of every series: the scraped address, as in prometheus.local.yml "
-                        f"(default {DEFAULT_INSTANCE}); in compose, the service's IP:8080")
+                        f"(default {DEFAULT_INSTANCE}, or the IP:PORT of --live-url)")
     parser.add_argument("--labels", type=parse_labels, default=parse_labels(DEFAULT_LABELS),
                         help=f"the scrape config's static labels, NAME=VALUE,... (default {DEFAULT_LABELS}; "
                         "empty for none)")
@@ -222,7 +224,7 @@ def chunk_seconds(rate, step):
 # ---------------------------------------------------------------- drawing payments (in worker processes)
 
 
-class Row:
+class RowLayout:
     """Offsets of the counts one sample interval adds, in a flat list (cheap to pickle between processes)."""
 
     def __init__(self, currencies):
@@ -260,10 +262,10 @@ class Row:
 def draw_chunk(plan, chunk_start):
     """The payments arriving in [chunk_start, chunk_start + chunk_seconds) that complete by the end.
 
-    Returns ({sample index: Row list of what completed in that interval}, [InfluxDB bodies], payments).
+    Returns ({sample index: what completed in that interval, laid out by RowLayout}, [InfluxDB bodies], payments).
     Payments are counted when they complete, as PaymentMetrics.record_payment counts them live.
     """
-    settings, layout = plan.settings, Row(plan.settings.currencies)
+    settings, layout = plan.settings, RowLayout(plan.settings.currencies)
     rng = random.Random(f"payment-api history {plan.seed} {chunk_start}")
     chunk_end = min(chunk_start + plan.chunk_seconds, plan.end)
     incidents = [incident for incident in plan.incidents
@@ -278,14 +280,16 @@ def draw_chunk(plan, chunk_start):
     first_sample, step, start, end = plan.first_sample(), plan.step, plan.start, plan.end
     request_slots = {(int(status), payment_type, currency): layout.request_slot(int(status), payment_type, currency)
                      for status in OUTCOME_STATUSES for payment_type in PAYMENT_TYPES for currency in layout.currency}
-    amount_slots = {(currency, failed): layout.amount_slot(currency, failed, 0)
-                    for currency in layout.currency for failed in (False, True)}
-    amount_sums = {(currency, failed): layout.amount_sums + number * 2 + failed
-                   for currency, number in layout.currency.items() for failed in (False, True)}
-    revenue_slots = {currency: layout.revenue + number for currency, number in layout.currency.items()}
+    outcome_slots = {}  # (currency, failed) -> (first amount bucket, amount sum, revenue or None)
+    for currency, number in layout.currency.items():
+        for failed in (False, True):
+            outcome_slots[currency, failed] = (layout.amount_slot(currency, failed, 0),
+                                               layout.amount_sums + number * 2 + failed,
+                                               None if failed else layout.revenue + number)
     duration_slots = (layout.duration_slot(0, 0), layout.duration_slot(1, 0))
     duration_sums, active, width = layout.duration_sums, layout.active, layout.width
     find_bucket, draw_request, draw_outcome = bisect.bisect_left, payment_api.draw_request, payment_api.draw_outcome
+    payment_line, with_lines, instance = payment_api.payment_line, plan.with_lines, plan.influx_instance
     rows, lines, bodies, payments = {}, [], [], 0
     effects = effects_at(chunk_start)
     arrival = chunk_start + rng.expovariate(plan.rate_at(chunk_start, effects))
@@ -301,20 +305,21 @@ def draw_chunk(plan, chunk_start):
             row = rows.get(index) or rows.setdefault(index, [0] * width)
             failed = status != 200
             amount = float(request.amount)
+            amount_buckets, amount_sum, revenue = outcome_slots[request.currency, failed]
             row[request_slots[status, request.type, request.currency]] += 1
-            row[amount_slots[request.currency, failed] + find_bucket(AMOUNT_BUCKETS, amount)] += 1
-            row[amount_sums[request.currency, failed]] += amount
+            row[amount_buckets + find_bucket(AMOUNT_BUCKETS, amount)] += 1
+            row[amount_sum] += amount
             row[duration_slots[failed] + find_bucket(DURATION_BUCKETS, processing_time)] += 1
             row[duration_sums + failed] += processing_time
-            if not failed:
-                row[revenue_slots[request.currency]] += amount
+            if revenue is not None:
+                row[revenue] += amount
             started = -int((first_sample - arrival) // step)
             if started != index:  # in flight at the samples from `started` up to (not including) `index`
                 row[active] -= 1
                 (rows.get(started) or rows.setdefault(started, [0] * width))[active] += 1
-            if plan.with_lines:
+            if with_lines:
                 payment = payment_api.Payment("", request, "history", processing_time, status, completed)
-                lines.append(payment_api.payment_line(payment, plan.influx_instance))
+                lines.append(payment_line(payment, instance))
                 if len(lines) == INFLUXDB_BATCH_SIZE:
                     bodies.append("\n".join(lines))
                     lines = []
@@ -333,7 +338,7 @@ def chunks_in_order(plan, pool, jobs):
     waiting = deque()
     for start in starts:
         waiting.append((start, pool.apply_async(draw_chunk, (plan, start))))
-        if len(waiting) > 2 * jobs:  # bounded: a slow InfluxDB must not make results pile up here
+        if len(waiting) > jobs:  # bounded: a slow InfluxDB must not make results pile up here
             chunk_start, result = waiting.popleft()
             yield chunk_start, result.get()
     while waiting:
@@ -359,7 +364,9 @@ class OpenMetricsWriter:
     """
 
     def __init__(self, path, plan, target_labels):
-        self.path, self.plan, self.layout = path, plan, Row(plan.settings.currencies)
+        self.path = path
+        self.plan = plan
+        self.layout = RowLayout(plan.settings.currencies)
         folder = os.path.dirname(os.path.abspath(path))
         self.parts_folder = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=folder)
         self.families = self.describe_families(plan.settings)
@@ -611,10 +618,12 @@ def backfill(argv):
     end = options.end if options.end is not None else math.floor(time.time())
     if options.live_url:
         try:
-            end, options.instance = live_service(options.live_url)
+            end, address = live_service(options.live_url)
         except OptionError as error:
             print(f"{PROG}: {error}", file=sys.stderr)
             return 2
+        options.instance = options.instance or address
+    options.instance = options.instance or DEFAULT_INSTANCE
     start = end - round(options.days * DAY)
     incidents = () if options.no_incidents else tuple(past_incidents(options.seed, start, end))
     plan = Plan(settings=settings, seed=options.seed, rate=options.rate, profile=options.profile, start=start,
@@ -641,7 +650,7 @@ def run(plan, options):
         writer = OpenMetricsWriter(options.openmetrics, plan, target_labels) if options.openmetrics else None
         influx = InfluxWriter(plan.settings) if options.influxdb else None
         times = plan.sample_times()
-        empty = [0] * Row(plan.settings.currencies).width
+        empty = [0] * RowLayout(plan.settings.currencies).width
         for chunk_start, (rows, bodies, count) in chunks_in_order(plan, pool, options.jobs):
             payments += count
             for body in bodies:

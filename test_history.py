@@ -26,8 +26,8 @@ import history
 import payment_api
 from conftest import Prometheus, RecordingInfluxDB, ServerProcess, VictoriaMetrics, eventually, free_port, \
     require_binary
-from test_stack import (COMPOSE, ENV_EXAMPLE, SEED_QUERIES, compose, dashboard, environment, grafana_value,
-                        interpolate, interpolations, panel_queries, shipped_alert,
+from test_stack import (ALERTS, ENV_EXAMPLE, SEED_QUERIES, compose, dashboard, environment, grafana_value,
+                        interpolate, interpolations, panel_queries, rules_of, shipped_alert,
                         variable_label_query, variables)
 
 HERE = Path(__file__).resolve().parent
@@ -38,7 +38,6 @@ MIDNIGHT = END_SECONDS - 6 * 3600  # 2026-11-20T00:00:00Z, inside the history
 SEED = 7
 ALERT_OF_INCIDENT = {"error_spike": "HighPaymentErrorRate", "currency_outage": "HighPaymentErrorRate",
                      "latency_degradation": "HighPaymentLatencyP95", "outage": "PaymentServiceUnavailable"}
-INCIDENT_ALERTS = sorted(set(ALERT_OF_INCIDENT.values()))
 
 
 def backfill(*args, env=None, check=True, timeout=120):
@@ -232,8 +231,8 @@ def test_past_incidents_are_listed_and_marked_and_the_shipped_alerts_see_only_th
             assert day.prometheus.at(fast_burn, end), "the SLO fast-burn alert misses the outage"
         for outside in (start - 1800, end + 1800):
             if START_SECONDS + 300 <= outside <= END_SECONDS:
-                for name in INCIDENT_ALERTS:
-                    assert not day.prometheus.at(shipped_alert(name)["expr"], outside), (name, scenario, outside)
+                for rule in rules_of(ALERTS):  # the incident alerts and all the others
+                    assert not day.prometheus.at(rule["expr"], outside), (rule["alert"], scenario, outside)
                 assert day.prometheus.at(annotation, outside) == []
 
 
@@ -341,7 +340,7 @@ def test_points_influxdb_rejects_are_counted_and_the_command_fails():
 
 
 def test_the_same_seed_gives_byte_identical_files_whatever_the_number_of_workers(tmp_path):
-    common = ("--days", "0.1", "--end", END, "--rate", "20")
+    common = ("--days", "0.05", "--end", END, "--rate", "20")
     backfill(*common, "--jobs", "1", "--openmetrics", str(tmp_path / "one.om"))
     backfill(*common, "--jobs", "2", "--openmetrics", str(tmp_path / "two.om"))
     backfill(*common, "--seed", "99", "--openmetrics", str(tmp_path / "other.om"))
@@ -425,7 +424,8 @@ def test_rate_and_increase_across_the_seam_with_the_live_service_have_no_spike(m
     app = make_app(simulation_enabled=True, simulation_rate=rate, failure_rate=0.03, simulation_profile="steady")
     target = app.url.removeprefix("http://")
     result = backfill("--days", "0.02", "--live-url", app.url, "--rate", str(rate), "--profile", "steady",
-                      "--no-incidents", "--job", "payment-api", "--labels", "", "--openmetrics", str(tmp_path / "seam.om"))
+                      "--no-incidents", "--job", "payment-api", "--labels", "",
+                      "--openmetrics", str(tmp_path / "seam.om"))
     seam = history.parse_end(re.search(r" to (\S+):", result.stdout)[1])
     assert abs(seam - app_started) <= 1  # the history ends where the live service began
     create_blocks(tmp_path / "seam.om", tmp_path / "prom-data")
@@ -469,7 +469,8 @@ def test_compose_backfills_before_prometheus_starts_with_only_the_variables_the_
     example = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
                    if line.strip() and not line.startswith("#"))
     assert name == "BACKFILL_DAYS" and example[name] == default == "7"
-    retention = next(arg for arg in services["prometheus"]["command"] if arg.startswith("--storage.tsdb.retention.time"))
+    retention = next(arg for arg in services["prometheus"]["command"]
+                     if arg.startswith("--storage.tsdb.retention.time"))
     assert int(retention.split("=")[1].removesuffix("d")) > history.MAX_DAYS
 
 
