@@ -12,6 +12,7 @@ import argparse
 import bisect
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -494,19 +495,26 @@ class InfluxWriter:
     """Sends bodies of line protocol through influxdb-client's batching WriteApi, retried like the live export.
 
     The WriteApi queues without limit, so write() waits while INFLUXDB_BUFFER_SIZE points are unanswered.
+    Once a batch is given up (retries spent, or refused), the rest is counted as not written without being sent:
+    an InfluxDB that is down for good costs one batch's retries, not every batch's.
     """
 
     def __init__(self, settings):
         from influxdb_client import InfluxDBClient, WritePrecision
         from influxdb_client.client.write_api import WriteOptions
         from reactivex.scheduler import EventLoopScheduler
+        client_log = logging.getLogger("influxdb_client")  # it logs every retry and batch; this class reports once
+        client_log.addHandler(logging.NullHandler())
+        client_log.propagate = False
         self.settings = settings
         self.precision = WritePrecision.NS
         self.limit = max(settings.influxdb_buffer_size, INFLUXDB_BATCH_SIZE)
         self.pending = 0
         self.written = 0
         self.not_written = 0
-        self.last_error = None
+        self.first_error = None
+        self.retried = False
+        self.gave_up = False
         self.answered = threading.Condition()
         self.client = InfluxDBClient(url=settings.influxdb_url, token=settings.influxdb_token,
                                      org=settings.influxdb_org, timeout=30_000)
@@ -515,12 +523,15 @@ class InfluxWriter:
         self.options = WriteOptions(batch_size=1, flush_interval=1_000, write_scheduler=self.scheduler,
                                     max_close_wait=INFLUXDB_RETRIES["max_retry_time"] + 30_000, **INFLUXDB_RETRIES)
         self.write_api = self.client.write_api(write_options=self.options, success_callback=self.succeeded,
-                                               error_callback=self.failed)
+                                               error_callback=self.failed, retry_callback=self.retrying)
 
     def write(self, body):
         points = body.count("\n") + 1
         with self.answered:
-            self.answered.wait_for(lambda: self.pending + points <= self.limit or not self.pending)
+            self.answered.wait_for(lambda: self.gave_up or self.pending + points <= self.limit or not self.pending)
+            if self.gave_up:
+                self.not_written += points
+                return
             self.pending += points
         self.write_api.write(bucket=self.settings.influxdb_bucket, record=body, write_precision=self.precision)
 
@@ -532,7 +543,8 @@ class InfluxWriter:
                 self.written += points
             else:
                 self.not_written += points
-                self.last_error = str(error)[:300]
+                self.first_error = self.first_error or str(error)[:300]
+                self.gave_up = True
             self.answered.notify_all()
 
     def succeeded(self, _conf, data):
@@ -540,6 +552,15 @@ class InfluxWriter:
 
     def failed(self, _conf, data, error):
         self.settle(data, "not written", error)
+
+    def retrying(self, _conf, _data, error):
+        if self.gave_up:  # raising ends this batch's retries, as the live export does after its shutdown
+            raise ConnectionAbortedError("an earlier batch was given up; the rest is not sent")
+        if not self.retried:
+            self.retried = True
+            print(f"InfluxDB {self.settings.influxdb_url} did not take a batch; retrying as the live export does, "
+                  f"{INFLUXDB_RETRIES['max_retries']} times within {INFLUXDB_RETRIES['max_retry_time'] // 1000} s at "
+                  f"most ({str(error)[:200]})", flush=True)
 
     def close(self):
         """Wait for the answers (retries included), then count what never got one as not written."""
@@ -675,7 +696,7 @@ def run(plan, options):
             influx.close()
             print(f"InfluxDB {plan.settings.influxdb_url} bucket {plan.settings.influxdb_bucket}: "
                   f"{influx.written} points written, {influx.not_written} not written"
-                  + (f" (last error: {influx.last_error})" if influx.last_error else ""), flush=True)
+                  + (f" (first error: {influx.first_error})" if influx.first_error else ""), flush=True)
         print(f"{payments} payments in {time.monotonic() - started:.1f} s", flush=True)
         return 1 if influx and influx.not_written else 0
     finally:

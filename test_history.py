@@ -336,6 +336,17 @@ def test_points_influxdb_rejects_are_counted_and_the_command_fails():
     assert not_written == int(re.search(r"^(\d+) payments in", result.stdout, re.MULTILINE)[1]) > 0
     assert "rejected by the test" in result.stdout
 
+def test_influxdb_down_for_good_costs_one_batch_of_retries_then_everything_is_counted(monkeypatch, capsys):
+    monkeypatch.setitem(history.INFLUXDB_RETRIES, "retry_interval", 50)  # the live export's retries, shortened
+    monkeypatch.setitem(history.INFLUXDB_RETRIES, "max_retries", 2)
+    monkeypatch.setenv("INFLUXDB_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert history.main(["--days", "0.02", "--end", END, "--rate", "20", "--jobs", "1", "--influxdb"]) == 1
+    output = capsys.readouterr().out
+    payments = int(re.search(r"^(\d+) payments in", output, re.MULTILINE)[1])
+    assert "retrying as the live export does" in output
+    assert f"0 points written, {payments} not written (first error: " in output and payments > 10_000
+
+
 # ---------------------------------------------------------------- the file: same seed, same bytes; atomic; flat
 
 
