@@ -342,8 +342,11 @@ def annotation_queries(board, datasource_type):
             if types.get((annotation.get("datasource") or {}).get("uid")) == datasource_type]
 
 
-def variables(board):
-    return {variable["name"]: variable for variable in board["templating"]["list"]}
+def variables(board, datasource_type="prometheus"):
+    """{name: variable} of the dashboard's variables whose data source is of `datasource_type` (None: every one)."""
+    types = provisioned_datasources()
+    return {variable["name"]: variable for variable in board["templating"]["list"]
+            if datasource_type is None or types.get(variable["datasource"]["uid"]) == datasource_type}
 
 
 def variable_label_query(variable):
@@ -411,6 +414,19 @@ def test_dashboard_variables_offer_the_service_currencies_and_types_from_prometh
                        timeout=30, interval=0.5, message=f"label value invalid scraped for {label}")
         assert variable_options(stack, variable) == expected[name]
         assert variable["includeAll"] and variable["current"]["value"] == ["$__all"], name
+
+
+def test_influxdb_replica_variable_lists_the_instance_tag_of_the_payment_measurement(make_app):
+    board = dashboard()
+    (name, variable), = variables(board, "influxdb").items()
+    assert variable["definition"] == variable["query"] and variable["includeAll"] and variable["multi"]
+    assert variable["current"]["value"] == ["$__all"]
+    schema = written_schema(make_app)
+    assert re.search(r'tag:\s*"(\w+)"', variable["query"])[1] == "instance" and "instance" in schema["tags"]
+    assert set(re.findall(r'r\._measurement\s*==\s*"([^"]*)"', variable["query"])) == schema["measurements"]
+    assert set(re.findall(r'bucket:\s*"([^"]*)"', variable["query"])) == schema["buckets"]
+    flux = [target["query"] for _, target in panel_queries(board, "influxdb")]
+    assert all(f"${{{name}:json}}" in query for query in flux), "every InfluxDB panel follows the replica variable"
 
 
 def test_every_dashboard_promql_query_returns_data_for_one_several_and_all_values(stack):
@@ -495,7 +511,7 @@ def test_flux_queries_name_only_the_bucket_measurement_fields_and_tags_the_servi
         for listed in re.findall(r"columns:\s*\[([^\]]*)\]", query):
             names = set(re.findall(r'"([^"]*)"', listed))
             assert names <= set(schema["tags"]) | builtin_columns, (where, names)
-        assert set(re.findall(r"\$\{(\w+)(?::\w+)?\}", query)) <= set(variables(board)), where
+        assert set(re.findall(r"\$\{(\w+)(?::\w+)?\}", query)) <= set(variables(board, None)), where
     # The $payment_type variable offers Prometheus `type` values; Flux filters the `payment_type` tag with them.
     assert schema["tags"]["payment_type"] <= set(payment_api.PAYMENT_TYPES)
     assert schema["tags"]["currency"] <= set(payment_api.Settings().currencies)
