@@ -193,6 +193,7 @@ class Plan:
     incidents: tuple
     influx_instance: str
     with_lines: bool
+    outcome_of_status: dict
 
     def first_sample(self):
         return -(-self.start // self.step) * self.step
@@ -217,6 +218,26 @@ class Plan:
 NO_EFFECTS = payment_api.Effects()
 
 
+def live_metrics(settings):
+    """A fresh PaymentMetrics of the live service: the names, types, help and labels the history copies."""
+    stats = payment_api.PaymentStats(settings.currencies, time.time)
+    return payment_api.PaymentMetrics(settings.currencies, stats, payment_api.ScenarioBoard(settings, time.time))
+
+
+def outcome_labels(settings):
+    """{HTTP status: status label} that the live PaymentMetrics.record_payment gives each outcome's histograms."""
+    request = payment_api.draw_request(random.Random(0), settings.currencies)
+    labels = {}
+    for status in map(int, OUTCOME_STATUSES):
+        metrics = live_metrics(settings)
+        metrics.record_payment(payment_api.Payment("", request, "history", 0.1, status, 0.0))
+        observed, = [sample.labels["status"] for family in metrics.registry.collect()
+                     if family.name == "payment_duration_seconds" for sample in family.samples
+                     if sample.name.endswith("_count") and sample.value == 1]
+        labels[status] = observed
+    return labels
+
+
 def chunk_seconds(rate, step):
     """An hour, or fewer whole steps when an hour would hold more than CHUNK_PAYMENTS payments at the busiest."""
     steps = max(1, min(3600 // step, int(CHUNK_PAYMENTS / (rate * 1.8 * step))))
@@ -226,20 +247,25 @@ def chunk_seconds(rate, step):
 
 
 class RowLayout:
-    """Offsets of the counts one sample interval adds, in a flat list (cheap to pickle between processes)."""
+    """Offsets of the counts one sample interval adds, in a flat list (cheap to pickle between processes).
 
-    def __init__(self, currencies):
+    `outcome_of_status` is {HTTP status: status label of the histograms}, as the live metrics label a payment.
+    """
+
+    def __init__(self, currencies, outcome_of_status):
         self.currencies = currencies
         self.status = {int(status): number for number, status in enumerate(OUTCOME_STATUSES)}
         self.type = {name: number for number, name in enumerate(PAYMENT_TYPES)}
         self.currency = {code: number for number, code in enumerate(currencies)}
-        count = len(currencies)
+        self.outcomes = tuple(dict.fromkeys(outcome_of_status.values()))  # e.g. success, failed
+        self.outcome = {status: self.outcomes.index(label) for status, label in outcome_of_status.items()}
+        count, outcomes = len(currencies), len(self.outcomes)
         self.requests = 0  # [status][type][currency]
-        self.amount_buckets = self.requests + len(OUTCOME_STATUSES) * len(PAYMENT_TYPES) * count  # [cur][ok][le]
-        self.amount_sums = self.amount_buckets + count * 2 * (len(AMOUNT_BUCKETS) + 1)  # [currency][outcome]
-        self.duration_buckets = self.amount_sums + count * 2  # [outcome][le]
-        self.duration_sums = self.duration_buckets + 2 * (len(DURATION_BUCKETS) + 1)  # [outcome]
-        self.revenue = self.duration_sums + 2  # [currency], successful payments only
+        self.amount_buckets = self.requests + len(OUTCOME_STATUSES) * len(PAYMENT_TYPES) * count  # [cur][out][le]
+        self.amount_sums = self.amount_buckets + count * outcomes * (len(AMOUNT_BUCKETS) + 1)  # [currency][outcome]
+        self.duration_buckets = self.amount_sums + count * outcomes  # [outcome][le]
+        self.duration_sums = self.duration_buckets + outcomes * (len(DURATION_BUCKETS) + 1)  # [outcome]
+        self.revenue = self.duration_sums + outcomes  # [currency], completed payments only
         self.active = self.revenue + count  # payments started minus payments completed
         self.width = self.active + 1
 
@@ -247,17 +273,27 @@ class RowLayout:
         return ((self.status[status] * len(PAYMENT_TYPES) + self.type[payment_type]) * len(self.currencies)
                 + self.currency[currency])
 
-    def amount_slot(self, currency, failed, bucket):
-        return self.amount_buckets + (self.currency[currency] * 2 + failed) * (len(AMOUNT_BUCKETS) + 1) + bucket
+    def amount_slot(self, currency, outcome, bucket):
+        return (self.amount_buckets + (self.currency[currency] * len(self.outcomes) + outcome)
+                * (len(AMOUNT_BUCKETS) + 1) + bucket)
 
-    def duration_slot(self, failed, bucket):
-        return self.duration_buckets + failed * (len(DURATION_BUCKETS) + 1) + bucket
+    def amount_sum_slot(self, currency, outcome):
+        return self.amount_sums + self.currency[currency] * len(self.outcomes) + outcome
+
+    def duration_slot(self, outcome, bucket):
+        return self.duration_buckets + outcome * (len(DURATION_BUCKETS) + 1) + bucket
+
+    def failed_slots(self):
+        """The request counts of payments the failure rate counts as failed: 5xx, as PaymentStats does."""
+        return [self.request_slot(int(status), payment_type, currency) for status in OUTCOME_STATUSES
+                if int(status) >= 500 for payment_type in PAYMENT_TYPES for currency in self.currencies]
 
     def histograms(self):
         """(first bucket slot, bucket count) of every labelled histogram, for turning counts into cumulative ones."""
-        amounts = [(self.amount_slot(currency, failed, 0), len(AMOUNT_BUCKETS) + 1)
-                   for currency in self.currencies for failed in (0, 1)]
-        return amounts + [(self.duration_slot(failed, 0), len(DURATION_BUCKETS) + 1) for failed in (0, 1)]
+        outcomes = range(len(self.outcomes))
+        amounts = [(self.amount_slot(currency, outcome, 0), len(AMOUNT_BUCKETS) + 1)
+                   for currency in self.currencies for outcome in outcomes]
+        return amounts + [(self.duration_slot(outcome, 0), len(DURATION_BUCKETS) + 1) for outcome in outcomes]
 
 
 def draw_chunk(plan, chunk_start):
@@ -266,7 +302,7 @@ def draw_chunk(plan, chunk_start):
     Returns ({sample index: what completed in that interval, laid out by RowLayout}, [InfluxDB bodies], payments).
     Payments are counted when they complete, as PaymentMetrics.record_payment counts them live.
     """
-    settings, layout = plan.settings, RowLayout(plan.settings.currencies)
+    settings, layout = plan.settings, RowLayout(plan.settings.currencies, plan.outcome_of_status)
     rng = random.Random(f"payment-api history {plan.seed} {chunk_start}")
     chunk_end = min(chunk_start + plan.chunk_seconds, plan.end)
     incidents = [incident for incident in plan.incidents
@@ -281,14 +317,15 @@ def draw_chunk(plan, chunk_start):
     first_sample, step, start, end = plan.first_sample(), plan.step, plan.start, plan.end
     request_slots = {(int(status), payment_type, currency): layout.request_slot(int(status), payment_type, currency)
                      for status in OUTCOME_STATUSES for payment_type in PAYMENT_TYPES for currency in layout.currency}
-    outcome_slots = {}  # (currency, failed) -> (first amount bucket, amount sum, revenue or None)
+    outcome_slots = {}  # (currency, status) -> (first amount bucket, amount sum, revenue or None)
     for currency, number in layout.currency.items():
-        for failed in (False, True):
-            outcome_slots[currency, failed] = (layout.amount_slot(currency, failed, 0),
-                                               layout.amount_sums + number * 2 + failed,
-                                               None if failed else layout.revenue + number)
-    duration_slots = (layout.duration_slot(0, 0), layout.duration_slot(1, 0))
-    duration_sums, active, width = layout.duration_sums, layout.active, layout.width
+        for status, outcome in layout.outcome.items():
+            outcome_slots[currency, status] = (layout.amount_slot(currency, outcome, 0),
+                                               layout.amount_sum_slot(currency, outcome),
+                                               layout.revenue + number if status == 200 else None)
+    duration_slots = {status: (layout.duration_slot(outcome, 0), layout.duration_sums + outcome)
+                      for status, outcome in layout.outcome.items()}
+    active, width = layout.active, layout.width
     find_bucket, draw_request, draw_outcome = bisect.bisect_left, payment_api.draw_request, payment_api.draw_outcome
     payment_line, with_lines, instance = payment_api.payment_line, plan.with_lines, plan.influx_instance
     rows, lines, bodies, payments = {}, [], [], 0
@@ -304,14 +341,14 @@ def draw_chunk(plan, chunk_start):
             payments += 1
             index = -int((first_sample - completed) // step)  # the first sample at or after completion
             row = rows.get(index) or rows.setdefault(index, [0] * width)
-            failed = status != 200
             amount = float(request.amount)
-            amount_buckets, amount_sum, revenue = outcome_slots[request.currency, failed]
+            amount_buckets, amount_sum, revenue = outcome_slots[request.currency, status]
+            duration_buckets, duration_sum = duration_slots[status]
             row[request_slots[status, request.type, request.currency]] += 1
             row[amount_buckets + find_bucket(AMOUNT_BUCKETS, amount)] += 1
             row[amount_sum] += amount
-            row[duration_slots[failed] + find_bucket(DURATION_BUCKETS, processing_time)] += 1
-            row[duration_sums + failed] += processing_time
+            row[duration_buckets + find_bucket(DURATION_BUCKETS, processing_time)] += 1
+            row[duration_sum] += processing_time
             if revenue is not None:
                 row[revenue] += amount
             started = -int((first_sample - arrival) // step)
@@ -367,7 +404,8 @@ class OpenMetricsWriter:
     def __init__(self, path, plan, target_labels):
         self.path = path
         self.plan = plan
-        self.layout = RowLayout(plan.settings.currencies)
+        self.layout = RowLayout(plan.settings.currencies, plan.outcome_of_status)
+        self.failed_slots = self.layout.failed_slots()
         folder = os.path.dirname(os.path.abspath(path))
         self.parts_folder = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=folder)
         self.families = self.describe_families(plan.settings)
@@ -381,8 +419,7 @@ class OpenMetricsWriter:
     @staticmethod
     def describe_families(settings):
         """{family: (type, help)} read from the live service's own registry, so names and help cannot drift."""
-        stats = payment_api.PaymentStats(settings.currencies, time.time)
-        metrics = payment_api.PaymentMetrics(settings.currencies, stats, payment_api.ScenarioBoard(settings, time.time))
+        metrics = live_metrics(settings)
         wanted = ("payment_requests", "payment_amount", "payment_duration_seconds", "payment_daily_revenue",
                   "payment_failure_rate", "active_payments", "payment_scenario_active", "payment_simulation_rate")
         families = {family.name: (family.type, family.documentation) for family in metrics.registry.collect()
@@ -407,15 +444,14 @@ class OpenMetricsWriter:
                         prefix("payment_requests_total", method="POST", status=status, type=payment_type,
                                currency=currency), layout.request_slot(int(status), payment_type, currency)))
         for currency in currencies:
-            for failed, outcome in enumerate(("success", "failed")):
-                amount_sum = layout.amount_sums + layout.currency[currency] * 2 + failed
+            for outcome, label in enumerate(layout.outcomes):
                 series["payment_amount"] += self.histogram_series(
-                    prefix, "payment_amount", {"currency": currency, "status": outcome}, AMOUNT_BUCKETS,
-                    layout.amount_slot(currency, failed, 0), amount_sum)
-        for failed, outcome in enumerate(("success", "failed")):
+                    prefix, "payment_amount", {"currency": currency, "status": label}, AMOUNT_BUCKETS,
+                    layout.amount_slot(currency, outcome, 0), layout.amount_sum_slot(currency, outcome))
+        for outcome, label in enumerate(layout.outcomes):
             series["payment_duration_seconds"] += self.histogram_series(
-                prefix, "payment_duration_seconds", {"status": outcome}, DURATION_BUCKETS,
-                layout.duration_slot(failed, 0), layout.duration_sums + failed)
+                prefix, "payment_duration_seconds", {"status": label}, DURATION_BUCKETS,
+                layout.duration_slot(outcome, 0), layout.duration_sums + outcome)
         series["payment_daily_revenue"] = [(prefix("payment_daily_revenue", currency=currency), layout.revenue + number)
                                            for number, currency in enumerate(currencies)]
         series["payment_failure_rate"] = [(prefix("payment_failure_rate"), self.extra["failure_rate"])]
@@ -447,7 +483,7 @@ class OpenMetricsWriter:
             values[first:first + count] = itertools.accumulate(totals[first:first + count])
         requests = row[:layout.amount_buckets]
         completed = sum(requests)
-        failed = completed - sum(requests[:len(PAYMENT_TYPES) * len(self.plan.settings.currencies)])
+        failed = sum(row[slot] for slot in self.failed_slots)
         values[self.extra["failure_rate"]] = 100.0 * failed / completed if completed else 0.0
         values[self.extra["rate"]] = self.plan.rate_at(moment, self.plan.effects_at(moment))
         values[self.extra["up"]] = 1
@@ -649,7 +685,8 @@ def backfill(argv):
     incidents = () if options.no_incidents else tuple(past_incidents(options.seed, start, end))
     plan = Plan(settings=settings, seed=options.seed, rate=options.rate, profile=options.profile, start=start,
                 end=end, step=options.step, chunk_seconds=chunk_seconds(options.rate, options.step),
-                incidents=incidents, influx_instance=settings.instance, with_lines=options.influxdb)
+                incidents=incidents, influx_instance=settings.instance, with_lines=options.influxdb,
+                outcome_of_status=outcome_labels(settings))
     print(f"history from {iso(start)} to {iso(end)}: {options.rate:g} payments/s on average, profile "
           f"{options.profile}, seed {options.seed}, {len(incidents)} incidents", flush=True)
     for incident in incidents:
@@ -671,7 +708,7 @@ def run(plan, options):
         writer = OpenMetricsWriter(options.openmetrics, plan, target_labels) if options.openmetrics else None
         influx = InfluxWriter(plan.settings) if options.influxdb else None
         times = plan.sample_times()
-        empty = [0] * RowLayout(plan.settings.currencies).width
+        empty = [0] * RowLayout(plan.settings.currencies, plan.outcome_of_status).width
         for chunk_start, (rows, bodies, count) in chunks_in_order(plan, pool, options.jobs):
             payments += count
             for body in bodies:
