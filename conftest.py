@@ -21,7 +21,7 @@ import pytest
 
 import payment_api
 
-QUIET = {"simulation_enabled": False, "failure_rate": 0.0, "influxdb_url": "", "host": "127.0.0.1", "port": 0, "shutdown_timeout": 5.0}
+QUIET = {"simulation_enabled": False, "failure_rate": 0.0, "decline_rate": 0.0, "influxdb_url": "", "host": "127.0.0.1", "port": 0, "shutdown_timeout": 5.0}
 
 
 def eventually(condition, timeout=10.0, interval=0.05, message="condition"):

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import errno
 import gzip
+import hashlib
 import heapq
 import hmac
 import io
@@ -133,9 +134,11 @@ class Settings:
                                 parse_currencies)
     store_size: int = setting(10_000, "STORE_SIZE", "how many recent payments GET /api/payments/{id} can find",
                               number(int, 1))
-    failure_rate: float = setting(0.03, "PAYMENT_FAILURE_RATE", "probability that a payment fails with HTTP 500 "
+    failure_rate: float = setting(0.02, "PAYMENT_FAILURE_RATE", "probability that a payment fails with HTTP 500 "
                                   "(the payment_failure_rate gauge shows the failed percentage over the last 60 s)",
                                   number(float, 0, 1))
+    decline_rate: float = setting(0.02, "PAYMENT_DECLINE_RATE", "probability that the bank declines a card payment "
+                                  "(HTTP 402); test card numbers are always declined", number(float, 0, 1))
     latency_scale: float = setting(1.0, "PAYMENT_LATENCY_SCALE",
                                    "multiplies simulated processing time (0 = no delay, for load tests)",
                                    number(float, 0))
@@ -221,13 +224,20 @@ def describe(spec):
 
 
 PAYMENT_TYPES = ("standard", "express", "recurring")
-OUTCOME_STATUSES = ("200", "500", "503")  # completed, failed, refused during an outage
+PAYMENT_METHODS = ("card", "bank_transfer", "wallet")
+OUTCOME_STATUSES = ("200", "402", "500", "503")  # completed, declined, failed, refused during an outage
+PAYMENT_STATUSES = ("completed", "declined", "failed")  # a payment's status in answers, the store and filters
+# Well-known test card numbers that a card network declines, with the reason; any other valid number is charged
+TEST_CARDS = {"4000000000000002": "generic_decline", "4000000000009995": "insufficient_funds",
+              "4000000000000069": "expired_card", "4100000000000019": "suspected_fraud"}
+DECLINE_WEIGHTS = {"insufficient_funds": 45, "generic_decline": 30, "expired_card": 15, "suspected_fraud": 10}
 INVALID = "invalid"  # the one label value that stands for anything a client invents
 MAX_AMOUNT = Decimal("1000000")
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CUSTOMER_POOL = 1000
 POOL_CUSTOMER = re.compile(r"cust_[0-9]{5}")  # ids InfluxDB may tag; any other is tagged "other" (bounded series)
 MAX_BODY_BYTES = 64 * 1024
+MAX_REFUNDS = 100  # refunds a payment may have, so a payment's memory stays bounded too
 
 
 class ClientError(Exception):
@@ -277,6 +287,14 @@ class UnsupportedMediaType(ClientError):
     status = 415
 
 
+class Conflict(ClientError):
+    status = 409
+
+
+class Unprocessable(ClientError):
+    status = 422
+
+
 def reject_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -295,6 +313,9 @@ class PaymentRequest:
     currency: str
     type: str
     customer_id: str
+    method: str = "card"
+    card_last4: str = None  # the only part of a card number kept anywhere
+    decline_code: str = None  # set by a test card number that is always declined
 
 
 def known_currency(value, currencies):
@@ -305,11 +326,8 @@ def known_type(value):
     return value.lower() if isinstance(value, str) and value.lower() in PAYMENT_TYPES else None
 
 
-def validate_payment(document, currencies, rng):
-    """The PaymentRequest a JSON body asks for, or InvalidField naming the first field that is wrong."""
-    if not isinstance(document, dict):
-        raise MalformedBody("body must be a JSON object")
-    amount = document.get("amount")
+def validate_amount(amount):
+    """A money amount as a Decimal with 2 decimals, or InvalidField naming `amount`."""
     if amount is None:
         raise InvalidField("amount", "amount is required")
     if isinstance(amount, bool) or not isinstance(amount, (int, Decimal)):
@@ -319,6 +337,35 @@ def validate_payment(document, currencies, rng):
         raise InvalidField("amount", f"amount must be greater than 0 and at most {MAX_AMOUNT}")
     if amount != amount.quantize(Decimal("0.01")):
         raise InvalidField("amount", "amount must have at most 2 decimals")
+    return amount.quantize(Decimal("0.01"))
+
+
+def luhn_valid(digits):
+    """The check digit of card numbers: catches a mistyped digit or two swapped neighbours."""
+    total = 0
+    for position, digit in enumerate(reversed(digits)):
+        value = int(digit) * (2 if position % 2 else 1)
+        total += value - 9 if value > 9 else value
+    return total % 10 == 0
+
+
+def validate_card(document, method):
+    """(last four digits, decline code) of an optional test card number; never keeps the whole number."""
+    number = document.get("cardNumber")
+    if number is None:
+        return None, None
+    if method != "card":
+        raise InvalidField("cardNumber", "cardNumber goes with paymentMethod card only")
+    if not (isinstance(number, str) and re.fullmatch(r"[0-9]{12,19}", number) and luhn_valid(number)):
+        raise InvalidField("cardNumber", "cardNumber must be 12-19 digits with a valid check digit (Luhn)")
+    return number[-4:], TEST_CARDS.get(number)
+
+
+def validate_payment(document, currencies, rng):
+    """The PaymentRequest a JSON body asks for, or InvalidField naming the first field that is wrong."""
+    if not isinstance(document, dict):
+        raise MalformedBody("body must be a JSON object")
+    amount = validate_amount(document.get("amount"))
     currency = known_currency(document.get("currency", "USD"), currencies)
     if currency is None:
         raise InvalidField("currency", "currency must be one of " + ", ".join(currencies))
@@ -330,7 +377,11 @@ def validate_payment(document, currencies, rng):
         customer_id = f"cust_{rng.randrange(1, CUSTOMER_POOL + 1):05d}"
     elif not isinstance(customer_id, str) or not CUSTOMER_ID.fullmatch(customer_id):
         raise InvalidField("customerId", "customerId must be 1-64 characters of A-Z, a-z, 0-9, _ and -")
-    return PaymentRequest(amount.quantize(Decimal("0.01")), currency, payment_type, customer_id)
+    method = document.get("paymentMethod", "card")
+    if method not in PAYMENT_METHODS:
+        raise InvalidField("paymentMethod", "paymentMethod must be one of " + ", ".join(PAYMENT_METHODS))
+    card_last4, decline_code = validate_card(document, method)
+    return PaymentRequest(amount, currency, payment_type, customer_id, method, card_last4, decline_code)
 
 
 def label_values(document, currencies):
@@ -348,23 +399,63 @@ class Payment:
     request: PaymentRequest
     source: str  # "api" or "simulator"
     processing_time: float
-    http_status: int  # 200 completed, 500 failed, 503 service unavailable (outage)
+    http_status: int  # 200 completed, 402 declined, 500 failed, 503 service unavailable (outage)
     completed_at: float = None
+    decline_code: str = None
+    refunds: list = field(default_factory=list)
 
     @property
     def succeeded(self):
         return self.http_status == 200
 
+    @property
+    def status(self):
+        """completed, declined or failed: a decline is the bank's answer, a failure is ours."""
+        return {200: "completed", 402: "declined"}.get(self.http_status, "failed")
+
+    @property
+    def outcome(self):
+        """The status label of payment_amount and payment_duration_seconds, and the status tag in InfluxDB."""
+        return {200: "success", 402: "declined"}.get(self.http_status, "failed")
+
+    @property
+    def refunded(self):
+        return sum((refund.amount for refund in self.refunds), Decimal(0))
+
     def to_json(self):
-        body = {"success": self.succeeded, "paymentId": self.payment_id,
-                "status": "completed" if self.succeeded else "failed",
-                "amount": float(self.request.amount), "currency": self.request.currency,
-                "type": self.request.type, "customerId": self.request.customer_id,
-                "timestamp": iso_utc(self.completed_at),
-                "processingTime": round(self.processing_time, 4), "source": self.source}
-        if not self.succeeded:
+        request = self.request
+        body = {"success": self.succeeded, "paymentId": self.payment_id, "status": self.status,
+                "amount": float(request.amount), "currency": request.currency, "type": request.type,
+                "customerId": request.customer_id, "paymentMethod": request.method,
+                "timestamp": iso_utc(self.completed_at), "processingTime": round(self.processing_time, 4),
+                "source": self.source}
+        if request.card_last4:
+            body["cardLast4"] = request.card_last4
+        if self.succeeded:
+            body["refundedAmount"] = float(self.refunded)
+            body["refunds"] = [refund.to_json() for refund in self.refunds]
+        elif self.http_status == 402:
+            body["error"] = "Payment declined by the bank"
+            body["declineCode"] = self.decline_code
+        else:
             body["error"] = "Payment processing failed" if self.http_status == 500 else "Payment service unavailable"
         return body
+
+
+@dataclass(frozen=True)
+class Refund:
+    """Money returned to the customer for (part of) a completed payment."""
+    refund_id: str
+    payment_id: str
+    amount: Decimal
+    currency: str
+    source: str
+    created_at: float
+
+    def to_json(self):
+        return {"refundId": self.refund_id, "paymentId": self.payment_id, "amount": float(self.amount),
+                "currency": self.currency, "status": "succeeded", "source": self.source,
+                "timestamp": iso_utc(self.created_at)}
 
 
 def iso_utc(epoch_seconds):
@@ -389,10 +480,82 @@ class PaymentStore:
         with self._lock:
             return self._payments.get(payment_id)
 
-    def recent(self, limit):
+    def recent(self, limit, matches=lambda payment: True):
+        """Up to `limit` payments, newest first, that `matches` accepts."""
         with self._lock:
-            newest_first = reversed(self._payments.values())
+            newest_first = (payment for payment in reversed(self._payments.values()) if matches(payment))
             return [payment for payment, _ in zip(newest_first, range(limit))]
+
+    def refund(self, payment_id, amount, make_refund):
+        """Check and record a refund of `amount` (None: all that remains) at once, so racing refunds never
+        return more than was paid. Returns the refund and its payment."""
+        with self._lock:
+            payment = self._payments.get(payment_id)
+            if payment is None:
+                raise NotFound("payment not found", paymentId=payment_id[:ECHO_LIMIT])
+            if not payment.succeeded:
+                raise Conflict(f"only a completed payment can be refunded; this one is {payment.status}")
+            remaining = payment.request.amount - payment.refunded
+            if remaining <= 0 or len(payment.refunds) >= MAX_REFUNDS:
+                raise Conflict("nothing left to refund on this payment")
+            if amount is not None and amount > remaining:
+                raise Unprocessable(f"at most {remaining} {payment.request.currency} remains to refund",
+                                    field="amount", refundable=float(remaining))
+            refund = make_refund(payment, remaining if amount is None else amount)
+            payment.refunds.append(refund)
+            return refund, payment
+
+
+@dataclass
+class RememberedAnswer:
+    fingerprint: str  # of the request that made it: a repeat with another body is a mistake
+    expires_at: float
+    status: int = None  # None while the first request is still being processed
+    body: dict = None
+
+
+class IdempotencyKeys:
+    """Answers remembered by Idempotency-Key, so a client that retries is answered again, not charged twice.
+
+    A key is kept KEEP_SECONDS (24 hours) and at most CAPACITY keys are kept (the oldest is forgotten first),
+    so a flood of distinct keys cannot grow memory.
+    """
+    KEEP_SECONDS = 24 * 3600
+    CAPACITY = 10_000
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._answers = OrderedDict()  # key -> RememberedAnswer, oldest first
+        self._lock = threading.Lock()
+
+    def begin(self, key, fingerprint):
+        """'new' (the caller processes the request), 'replayed' with the answer, 'in_progress' or 'mismatch'."""
+        with self._lock:
+            now = self._clock()
+            while self._answers and next(iter(self._answers.values())).expires_at <= now:
+                self._answers.popitem(last=False)
+            known = self._answers.get(key)
+            if known is None:
+                if len(self._answers) >= self.CAPACITY:
+                    self._answers.popitem(last=False)
+                self._answers[key] = RememberedAnswer(fingerprint, now + self.KEEP_SECONDS)
+                return "new", None
+            if known.fingerprint != fingerprint:
+                return "mismatch", None
+            return ("in_progress", None) if known.status is None else ("replayed", known)
+
+    def remember(self, key, status, body):
+        with self._lock:
+            if key in self._answers:
+                self._answers[key].status = status
+                self._answers[key].body = body
+
+    def forget(self, key):
+        with self._lock:
+            self._answers.pop(key, None)
+
+    def __len__(self):
+        return len(self._answers)
 
 
 class PaymentStats:
@@ -404,8 +567,9 @@ class PaymentStats:
         self._clock = clock
         self._lock = threading.Lock()
         self.started_at = clock()
-        self._counts = {"succeeded": 0, "failed": 0, "rejected": 0}
+        self._counts = {"succeeded": 0, "declined": 0, "failed": 0, "rejected": 0}
         self._revenue_total = dict.fromkeys(currencies, Decimal(0))
+        self._refunded_total = dict.fromkeys(currencies, Decimal(0))
         self._day, self._daily_revenue = None, {}
         self._recent = {}  # second -> [completed, failed], for the last WINDOW_SECONDS
         self.active = 0
@@ -417,7 +581,7 @@ class PaymentStats:
     def record(self, payment):
         with self._lock:
             self.active -= 1
-            self._counts["succeeded" if payment.succeeded else "failed"] += 1
+            self._counts[{"completed": "succeeded"}.get(payment.status, payment.status)] += 1
             if payment.succeeded:
                 self._roll_day(payment.completed_at)
                 self._daily_revenue[payment.request.currency] += payment.request.amount
@@ -427,7 +591,7 @@ class PaymentStats:
                 self._forget_before(second - self.WINDOW_SECONDS)
                 self._recent[second] = [0, 0]
             self._recent[second][0] += 1
-            self._recent[second][1] += not payment.succeeded
+            self._recent[second][1] += payment.status == "failed"
 
     def _forget_before(self, oldest_second):
         for second in [second for second in self._recent if second <= oldest_second]:
@@ -436,6 +600,10 @@ class PaymentStats:
     def record_rejection(self):
         with self._lock:
             self._counts["rejected"] += 1
+
+    def record_refund(self, refund):
+        with self._lock:
+            self._refunded_total[refund.currency] += refund.amount
 
     def _roll_day(self, now):
         day = datetime.fromtimestamp(now, timezone.utc).date()
@@ -448,7 +616,9 @@ class PaymentStats:
             return {currency: float(amount) for currency, amount in self._daily_revenue.items()}
 
     def recent_failure_rate(self):
-        """Percentage of the payments completed in the last WINDOW_SECONDS that failed (0 when there were none)."""
+        """Percentage of the payments completed in the last WINDOW_SECONDS that failed (0 when there were none).
+
+        A decline is the bank's answer, not a failure of the service: it does not count here."""
         with self._lock:
             self._forget_before(int(self._clock()) - self.WINDOW_SECONDS)
             completed = sum(counts[0] for counts in self._recent.values())
@@ -458,14 +628,21 @@ class PaymentStats:
     def snapshot(self):
         failure_rate, daily_revenue = self.recent_failure_rate(), self.daily_revenue()
         with self._lock:
-            counts, processed = dict(self._counts), self._counts["succeeded"] + self._counts["failed"]
+            counts = dict(self._counts)
+            processed = counts["succeeded"] + counts["declined"] + counts["failed"]
             return {"since": iso_utc(self.started_at), "uptimeSeconds": round(self._clock() - self.started_at, 3),
                     "totals": {"payments": processed, **counts},
-                    "successRate": round(100.0 * counts["succeeded"] / processed, 2) if processed else None,
-                    "failureRate": round(100.0 * counts["failed"] / processed, 2) if processed else None,
+                    "successRate": percent(counts["succeeded"], processed),
+                    "declineRate": percent(counts["declined"], processed),
+                    "failureRate": percent(counts["failed"], processed),
                     "recentFailureRate": round(failure_rate, 2), "activePayments": self.active,
                     "dailyRevenue": {"date": str(self._day), **daily_revenue},
-                    "revenueSinceStart": {c: float(a) for c, a in self._revenue_total.items()}}
+                    "revenueSinceStart": {c: float(a) for c, a in self._revenue_total.items()},
+                    "refundedSinceStart": {c: float(a) for c, a in self._refunded_total.items()}}
+
+
+def percent(part, whole):
+    return round(100.0 * part / whole, 2) if whole else None
 
 # ---------------------------------------------------------------- metrics
 
@@ -500,11 +677,18 @@ class PaymentMetrics:
         self.requests = Counter("payment_requests_total", "Payment requests by HTTP method, status code, payment "
                                 "type and currency ('invalid' for values a client invented)",
                                 ["method", "status", "type", "currency"], registry=registry)
-        self.amount = Histogram("payment_amount", "Payment amounts by currency and outcome (status: success or failed)",
-                                ["currency", "status"], buckets=AMOUNT_BUCKETS, registry=registry)
+        self.amount = Histogram("payment_amount", "Payment amounts by currency and outcome (status: success, "
+                                "declined or failed)", ["currency", "status"], buckets=AMOUNT_BUCKETS,
+                                registry=registry)
         self.duration = Histogram("payment_duration_seconds",
-                                  "Payment processing time by outcome (status: success or failed)",
+                                  "Payment processing time by outcome (status: success, declined or failed)",
                                   ["status"], buckets=DURATION_BUCKETS, registry=registry)
+        self.refunds = Counter("payment_refunds_total", "Refunds of completed payments, by currency", ["currency"],
+                               registry=registry)
+        self.refund_amount = Histogram("payment_refund_amount", "Refunded amounts by currency", ["currency"],
+                                       buckets=AMOUNT_BUCKETS, registry=registry)
+        self.idempotency = Counter("payment_idempotent_requests_total", "Requests repeating an Idempotency-Key, by "
+                                   "result (replayed, in_progress, mismatch)", ["result"], registry=registry)
         Gauge("active_payments", "Payments being processed right now", registry=registry).set_function(
             lambda: stats.active)
         failure_rate = Gauge("payment_failure_rate", f"Percentage (0-100) of payments completed in the last "
@@ -530,15 +714,20 @@ class PaymentMetrics:
             for currency in currencies:
                 for status in OUTCOME_STATUSES:
                     self.requests.labels("POST", status, payment_type, currency)
-        for outcome in ("success", "failed"):
+        for outcome in ("success", "declined", "failed"):
             self.duration.labels(outcome)
+        for currency in currencies:
+            self.refunds.labels(currency)
 
     def record_payment(self, payment):
-        outcome = "success" if payment.succeeded else "failed"
         request = payment.request
         self.requests.labels("POST", str(payment.http_status), request.type, request.currency).inc()
-        self.amount.labels(request.currency, outcome).observe(float(request.amount))
-        self.duration.labels(outcome).observe(payment.processing_time)
+        self.amount.labels(request.currency, payment.outcome).observe(float(request.amount))
+        self.duration.labels(payment.outcome).observe(payment.processing_time)
+
+    def record_refund(self, refund):
+        self.refunds.labels(refund.currency).inc()
+        self.refund_amount.labels(refund.currency).observe(float(refund.amount))
 
     def record_rejection(self, status, payment_type, currency):
         self.requests.labels("POST", str(status), payment_type, currency).inc()
@@ -567,11 +756,14 @@ def draw_outcome(rng, request, settings, effects, fault=Fault()):
     failure_rate = settings.failure_rate if effects.failure_rate is None else effects.failure_rate
     fails = (rng.random() < failure_rate or fault.fail
              or (effects.fails_last_currency and request.currency == settings.currencies[-1]))
+    decline_rate = settings.decline_rate if effects.decline_rate is None else effects.decline_rate
+    declined = request.decline_code is not None or (request.method == "card" and rng.random() < decline_rate)
     if effects.outage:
         return 503, 0.0
     if fault.latency is not None:
         processing_time = fault.latency
-    return (500 if fails else 200), min(processing_time, MAX_PROCESSING_SECONDS)
+    status = 500 if fails else 402 if declined else 200
+    return status, min(processing_time, MAX_PROCESSING_SECONDS)
 
 
 class PaymentProcessor:
@@ -584,16 +776,31 @@ class PaymentProcessor:
     def begin(self, request, rng, source, fault=Fault()):
         """Decide outcome and processing time (the caller waits that long, then calls finish)."""
         status, processing_time = draw_outcome(rng, request, self.settings, self.scenarios.effects(), fault)
+        decline_code = None
+        if status == 402:
+            decline_code = request.decline_code or rng.choices(list(DECLINE_WEIGHTS), DECLINE_WEIGHTS.values())[0]
         self.stats.record_start()
-        return Payment(f"pay_{secrets.token_hex(8)}", request, source, processing_time, status)
+        return Payment(f"pay_{secrets.token_hex(8)}", request, source, processing_time, status,
+                       decline_code=decline_code)
 
     def finish(self, payment):
         payment.completed_at = self._clock()
         self.metrics.record_payment(payment)
         self.stats.record(payment)
         self.store.add(payment)
-        self.exporter.export(payment)
+        self.exporter.export(payment_line(payment, self.settings.instance))
         return payment
+
+    def refund(self, payment_id, amount, source):
+        """Refund `amount` (None: all that remains) of a completed payment; NotFound, Conflict or Unprocessable."""
+        def make_refund(payment, refund_amount):
+            return Refund(f"re_{secrets.token_hex(8)}", payment.payment_id, refund_amount, payment.request.currency,
+                          source, self._clock())
+        refund, payment = self.store.refund(payment_id, amount, make_refund)
+        self.metrics.record_refund(refund)
+        self.stats.record_refund(refund)
+        self.exporter.export(refund_line(refund, payment, self.settings.instance))
+        return refund, payment
 
     def reject(self, error, document):
         self.metrics.record_rejection(error.status, *label_values(document, self.settings.currencies))
@@ -608,12 +815,21 @@ def payment_line(payment, instance):
     Every tag value comes from a bounded set (validated or replaced), so nothing needs escaping.
     """
     request = payment.request
-    customer_id = request.customer_id if POOL_CUSTOMER.fullmatch(request.customer_id) else "other"
-    status = "success" if payment.succeeded else "failed"
-    return (f"payment,currency={request.currency},customer_id={customer_id},instance={instance},"
-            f"payment_type={request.type},status={status} "
+    return (f"payment,currency={request.currency},customer_id={customer_tag(request)},instance={instance},"
+            f"payment_type={request.type},status={payment.outcome} "
             f"amount={float(request.amount)!r},processing_time={float(payment.processing_time)!r} "
             f"{int(payment.completed_at * 1e9)}")
+
+
+def refund_line(refund, payment, instance):
+    """One refund as a point of the measurement `refund`, tagged like its payment."""
+    return (f"refund,currency={refund.currency},customer_id={customer_tag(payment.request)},instance={instance},"
+            f"payment_type={payment.request.type} amount={float(refund.amount)!r} {int(refund.created_at * 1e9)}")
+
+
+def customer_tag(request):
+    """The customer_id tag: pool-shaped ids as they are, any other 'other', so clients cannot add series."""
+    return request.customer_id if POOL_CUSTOMER.fullmatch(request.customer_id) else "other"
 
 
 class DisabledExporter:
@@ -622,7 +838,7 @@ class DisabledExporter:
     def __init__(self, reason):
         self.reason = reason
 
-    def export(self, payment):
+    def export(self, line):
         pass
 
     def health(self):
@@ -675,8 +891,7 @@ class InfluxExporter:
         except OSError as error:
             self._set_state("unreachable", UNREACHABLE, error, only_from="connecting")
 
-    def export(self, payment):
-        line = payment_line(payment, self.settings.instance)
+    def export(self, line):
         with self._lock:
             if self._pending >= self.settings.influxdb_buffer_size:
                 self.metrics.influx_dropped.labels("buffer_full").inc()
@@ -764,6 +979,7 @@ def make_exporter(settings, metrics):
 class Effects:
     """How running scenarios change payment processing, combined."""
     failure_rate: float = None  # None: the configured PAYMENT_FAILURE_RATE
+    decline_rate: float = None  # None: the configured PAYMENT_DECLINE_RATE
     latency_factor: float = 1.0
     outage: bool = False
     rate_factor: float = 1.0
@@ -777,6 +993,8 @@ SCENARIOS = {
     "traffic_surge": ("the simulator sends 5 times its rate", Effects(rate_factor=5.0)),
     "currency_outage": ("every payment in the last configured currency (GBP by default) fails with HTTP 500",
                         Effects(fails_last_currency=True)),
+    "decline_wave": ("a card network problem: 30 % of card payments are declined (402), errors stay normal",
+                     Effects(decline_rate=0.30)),
 }
 DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h)")
 
@@ -897,7 +1115,9 @@ class ScenarioBoard:
         if not running:
             return Effects()
         failure_rates = [effect.failure_rate for effect in running if effect.failure_rate is not None]
+        decline_rates = [effect.decline_rate for effect in running if effect.decline_rate is not None]
         return Effects(failure_rate=max(failure_rates, default=None),
+                       decline_rate=max(decline_rates, default=None),
                        latency_factor=math.prod(effect.latency_factor for effect in running),
                        outage=any(effect.outage for effect in running),
                        rate_factor=math.prod(effect.rate_factor for effect in running),
@@ -908,6 +1128,9 @@ class ScenarioBoard:
 
 CURRENCY_WEIGHTS = {"EUR": 50, "USD": 30, "GBP": 20}  # other configured currencies weigh 10
 TYPE_WEIGHTS = (70, 20, 10)  # standard, express, recurring
+METHOD_WEIGHTS = (75, 15, 10)  # card, bank_transfer, wallet
+REFUND_SHARE, REFUND_AFTER = 0.02, (60.0, 600.0)  # 2 % of completed payments are refunded 1-10 minutes later
+FULL_REFUND_SHARE = 0.7  # the others return part of the amount
 AMOUNT_BANDS = ((0.75, 10, 200), (0.20, 200, 1000), (0.05, 1000, 6000))  # share, low, high (log-uniform)
 RETURNING_CUSTOMERS, RETURNING_SHARE = 100, 0.6  # 10 % of the pool make 60 % of payments
 BURST_EVERY, BURST_LENGTH, BURST_FACTOR = 60.0, 6.0, 4.0
@@ -932,7 +1155,8 @@ def draw_request(rng, currencies):
     _, low, high = rng.choices(AMOUNT_BANDS, [share for share, _, _ in AMOUNT_BANDS])[0]
     amount = Decimal(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.2f}")
     pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
-    return PaymentRequest(amount, currency, payment_type, f"cust_{rng.randrange(1, pool + 1):05d}")
+    customer_id = f"cust_{rng.randrange(1, pool + 1):05d}"
+    return PaymentRequest(amount, currency, payment_type, customer_id, rng.choices(PAYMENT_METHODS, METHOD_WEIGHTS)[0])
 
 
 class Simulator:
@@ -948,6 +1172,7 @@ class Simulator:
         self._stop_event = threading.Event()
         self._thread = None
         self._in_flight = []  # heap of (completes_at, sequence, payment)
+        self._refunds_due = []  # heap of (due_at, sequence, payment id, amount or None for all)
         self._sequence = 0
         self._started_at = clock()
         self.config = {}
@@ -987,6 +1212,7 @@ class Simulator:
                 rate = self.current_rate(self._next_arrival)
                 self._next_arrival = self._next_arrival + self._rng.expovariate(rate) if rate > 0 else None
             self._finish_until(now)
+            self._refund_until(now)
             next_completion = self._in_flight[0][0] if self._in_flight else math.inf
             return min(now + 0.5, self._next_arrival or math.inf, next_completion)
 
@@ -999,7 +1225,23 @@ class Simulator:
 
     def _finish_until(self, now):
         while self._in_flight and self._in_flight[0][0] <= now:
-            self.processor.finish(heapq.heappop(self._in_flight)[2])
+            completed_at, sequence, payment = heapq.heappop(self._in_flight)
+            self.processor.finish(payment)
+            if payment.succeeded and self._rng.random() < REFUND_SHARE:
+                amount = None
+                if self._rng.random() > FULL_REFUND_SHARE:
+                    part = Decimal(f"{float(payment.request.amount) * self._rng.uniform(0.1, 0.9):.2f}")
+                    amount = max(part, Decimal("0.01"))
+                due_at = completed_at + self._rng.uniform(*REFUND_AFTER)
+                heapq.heappush(self._refunds_due, (due_at, sequence, payment.payment_id, amount))
+
+    def _refund_until(self, now):
+        while self._refunds_due and self._refunds_due[0][0] <= now:
+            _, _, payment_id, amount = heapq.heappop(self._refunds_due)
+            try:
+                self.processor.refund(payment_id, amount, "simulator")
+            except ClientError:  # the payment left the store meanwhile, or a student refunded it already
+                pass
 
     def start(self):
         self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)
@@ -1020,6 +1262,7 @@ CONTENT_LENGTH = re.compile(r"[0-9]{1,9}")
 WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")
 SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
 ECHO_LIMIT = 200  # characters of client input repeated in an answer or a log line
+IDEMPOTENCY_KEY = re.compile(r"[ -~]{1,255}")
 
 
 class DeadlineReader(io.RawIOBase):
@@ -1071,7 +1314,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"  # even a garbled request line gets a status line and headers
     server_version = f"payment-api/{VERSION}"
     disable_nagle_algorithm = True  # headers and body leave together instead of meeting delayed ACKs
-    wbufsize = -1  # an answer is written with one send at the end of the request, not one for headers and one for body
+    wbufsize = -1  # an answer's headers and body are buffered and leave in one send, not two
     timeout = IDLE_TIMEOUT_SECONDS  # idle keep-alive connections are closed after this
     body_unread = False  # a request body we did not read: the connection must close after the answer
 
@@ -1082,6 +1325,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
         ("GET", r"/api/payments", "list_payments", False),
         ("GET", r"/api/payments/stats", "payment_stats", False),
         ("GET", r"/api/payments/(?P<payment_id>[^/]+)", "get_payment", False),
+        ("POST", r"/api/payments/(?P<payment_id>[^/]+)/refunds", "create_refund", False),
         ("GET", r"/api/simulation", "get_simulation", False),
         ("PUT", r"/api/simulation", "put_simulation", True),
         ("GET", r"/api/scenarios", "list_scenarios", False),
@@ -1204,6 +1448,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
+            self.wfile.flush()  # the answer leaves now, before the request counts as done (a stop waits for that)
         except ConnectionError:  # the client hung up; what it asked for is done and counted all the same
             self.close_connection = True
 
@@ -1254,9 +1499,55 @@ class PaymentHandler(BaseHTTPRequestHandler):
         except ClientError as error:
             app.processor.reject(error, document)
             raise
-        payment = app.processor.begin(request, app.rng, "api", fault)
-        app.abort_waits.wait(payment.processing_time)
-        self.send_json(payment.http_status, app.processor.finish(payment).to_json())
+
+        def process():
+            payment = app.processor.begin(request, app.rng, "api", fault)
+            app.abort_waits.wait(payment.processing_time)
+            return payment.http_status, app.processor.finish(payment).to_json()
+        self.answer_once(document, process)
+
+    def create_refund(self, payment_id):
+        document = self.read_json(required=False) or {}
+        if not isinstance(document, dict):
+            raise MalformedBody("body must be a JSON object")
+        amount = None if document.get("amount") is None else validate_amount(document["amount"])
+
+        def refund():
+            refund, payment = self.server.app.processor.refund(payment_id, amount, "api")
+            remaining = payment.request.amount - payment.refunded
+            return 201, {**refund.to_json(), "refundedAmount": float(payment.refunded),
+                         "remainingAmount": float(remaining)}
+        self.answer_once(document, refund)
+
+    def answer_once(self, document, process):
+        """Send process()'s (status, body); with an Idempotency-Key, a repeat gets the first answer, not a second
+        payment or refund: same key and body while the first runs is 409, same key with another body is 422."""
+        key = self.headers.get("Idempotency-Key")
+        if key is None:
+            return self.send_json(*process())
+        if not IDEMPOTENCY_KEY.fullmatch(key):
+            raise InvalidField("Idempotency-Key", "Idempotency-Key must be 1-255 printable ASCII characters")
+        app = self.server.app
+        request_text = json.dumps([self.command, urlsplit(self.path).path, document], sort_keys=True, default=str)
+        result, answer = app.idempotency.begin(key, hashlib.sha256(request_text.encode()).hexdigest())
+        if result != "new":
+            app.metrics.idempotency.labels(result).inc()
+        if result == "replayed":
+            return self.send_json(answer.status, answer.body, {"Idempotent-Replayed": "true"})
+        if result == "in_progress":
+            raise Conflict("a request with this Idempotency-Key is still being processed; retry in a moment")
+        if result == "mismatch":
+            raise Unprocessable("this Idempotency-Key was used with another request body", field="Idempotency-Key")
+        try:
+            status, body = process()
+        except BaseException:
+            app.idempotency.forget(key)
+            raise
+        if status == 503:  # refused, not processed: a retry after the outage may succeed
+            app.idempotency.forget(key)
+        else:
+            app.idempotency.remember(key, status, body)
+        self.send_json(status, body)
 
     def read_fault(self):
         """Fault injection asked for in headers: X-Simulate-Failure: true, X-Simulate-Latency: <seconds>."""
@@ -1273,11 +1564,23 @@ class PaymentHandler(BaseHTTPRequestHandler):
         return fault
 
     def list_payments(self):
-        store = self.server.app.store
+        app = self.server.app
+        for name in self.query:
+            if name not in ("limit", *LISTING_FILTERS):
+                raise InvalidField(name[:40], "unknown parameter; known: limit, " + ", ".join(LISTING_FILTERS))
         text = self.query.get("limit", ["50"])[-1]
         if not WHOLE_NUMBER.fullmatch(text) or int(text) < 1:
             raise InvalidField("limit", "limit must be a whole number of at least 1")
-        payments = store.recent(min(int(text), store.capacity))
+        wanted = {}
+        for name, (read, allowed) in LISTING_FILTERS.items():
+            if name in self.query:
+                wanted[name] = read(self.query[name][-1], app.settings.currencies)
+                if wanted[name] is None:
+                    raise InvalidField(name, f"{name} must be {allowed(app.settings.currencies)}")
+
+        def matches(payment):
+            return all(listing_value(payment, name) == value for name, value in wanted.items())
+        payments = app.store.recent(min(int(text), app.store.capacity), matches)
         self.send_json(200, {"count": len(payments), "payments": [payment.to_json() for payment in payments]})
 
     def payment_stats(self):
@@ -1335,6 +1638,22 @@ class PaymentHandler(BaseHTTPRequestHandler):
     def known_scenario(name):
         if name not in SCENARIOS:
             raise NotFound("no such scenario", scenario=name[:ECHO_LIMIT], known=list(SCENARIOS))
+
+
+LISTING_FILTERS = {  # query parameter -> (valid value or None, what is allowed)
+    "customerId": (lambda text, _: text if CUSTOMER_ID.fullmatch(text) else None,
+                   lambda _: "1-64 characters of A-Z, a-z, 0-9, _ and -"),
+    "status": (lambda text, _: text if text in PAYMENT_STATUSES else None,
+               lambda _: "one of " + ", ".join(PAYMENT_STATUSES)),
+    "currency": (known_currency, lambda currencies: "one of " + ", ".join(currencies)),
+    "type": (lambda text, _: known_type(text), lambda _: "one of " + ", ".join(PAYMENT_TYPES)),
+}
+
+
+def listing_value(payment, name):
+    request = payment.request
+    return {"customerId": request.customer_id, "status": payment.status, "currency": request.currency,
+            "type": request.type}[name]
 
 
 def is_number(value):
@@ -1543,6 +1862,7 @@ class PaymentApp:
         self.settings = settings
         self.rng = random.Random()
         self.store = PaymentStore(settings.store_size)
+        self.idempotency = IdempotencyKeys(clock)
         self.stats = PaymentStats(settings.currencies, clock)
         self.scenarios = ScenarioBoard(settings, clock)
         self.metrics = PaymentMetrics(settings.currencies, self.stats, self.scenarios)

@@ -223,8 +223,9 @@ def test_echoes_and_logs_of_client_input_are_bounded(app, caplog):
     long_path = "/" + "a" * 10_000
     status, _, body = http("GET", app.url + long_path)
     assert status == 404 and len(body["error"]) <= payment_api.ECHO_LIMIT + 20
-    logged = [record.fields["path"] for record in caplog.records if getattr(record, "fields", {}).get("status") == 404]
-    assert logged and all(len(path) <= payment_api.ECHO_LIMIT for path in logged)
+    logged = eventually(lambda: [record.fields["path"] for record in caplog.records
+                                 if getattr(record, "fields", {}).get("status") == 404], message="access log written")
+    assert all(len(path) <= payment_api.ECHO_LIMIT for path in logged)
 
 
 def test_text_logs_escape_control_characters_and_flatten_nested_values():

@@ -354,7 +354,7 @@ def test_stats_report_outcomes_rates_and_todays_revenue(make_app):
     post_payment(app, {"amount": 1}, {"X-Simulate-Failure": "true"})
     post_payment(app, {"amount": -1})
     _, _, stats = http("GET", app.url + "/api/payments/stats")
-    assert stats["totals"] == {"payments": 3, "succeeded": 2, "failed": 1, "rejected": 1}
+    assert stats["totals"] == {"payments": 3, "succeeded": 2, "declined": 0, "failed": 1, "rejected": 1}
     assert stats["successRate"] == 66.67 and stats["failureRate"] == 33.33
     assert stats["dailyRevenue"]["EUR"] == 15.25 and stats["activePayments"] == 0
 
@@ -518,7 +518,7 @@ def test_simulated_arrivals_match_the_rate_within_poisson_noise():
     app = payment_api.PaymentApp(settings, monotonic=clock)
     for _ in range(60):  # one tick a second: the scheduler catches up instead of falling behind
         app.simulator.tick(clock.advance(1.0))
-    expected = 200 * 60
+    expected = 200 * 59  # arrivals are drawn from the first tick on, one second after the clock's start
     assert abs(app.stats.snapshot()["totals"]["payments"] - expected) < 3 * expected ** 0.5
 
 
@@ -537,7 +537,7 @@ def test_many_simulated_payments_in_flight_use_one_thread(make_app):
     app = make_app(simulation_enabled=True, simulation_rate=1000)
     eventually(lambda: app.stats.active > 50, message="payments in flight")
     assert metric_value(app.url, "active_payments") > 50
-    assert threading.active_count() - threads_before <= 3  # server, simulator, and at most one connection
+    assert threading.active_count() - threads_before <= 4  # server, overflow, simulator, at most one connection
 
 
 def test_disabled_simulator_makes_no_payments():
