@@ -110,6 +110,7 @@ def parse_step(text):
 
 
 def make_parser(settings):
+    default_rate = settings.simulation_rate or payment_api.Settings().simulation_rate  # 0 (simulator off) is no rate
     parser = Parser(prog=PROG, description="Write days of simulated payments as an OpenMetrics file for promtool "
                     "and/or as InfluxDB points, so 24-hour and 7-day views have history.",
                     epilog="INFLUXDB_URL, INFLUXDB_TOKEN, INFLUXDB_ORG, INFLUXDB_BUCKET, INSTANCE, CURRENCIES, "
@@ -119,10 +120,10 @@ def make_parser(settings):
                         "(default 7)")
     ends = parser.add_mutually_exclusive_group()
     ends.add_argument("--end", type=parse_end, default=None,
-                        help="when the history ends, ISO-8601 UTC like 2026-11-20T06:00:00Z (default now)")
+                      help="when the history ends, ISO-8601 UTC like 2026-11-20T06:00:00Z (default now)")
     ends.add_argument("--live-url", metavar="URL", help="the running service the history leads up to: end where it "
-                        "started (its /health uptime); its IP:PORT is the default --instance, as DNS discovery "
-                        "in compose scrapes it")
+                      "started (its /health uptime); its IP:PORT is the default --instance, as DNS discovery "
+                      "in compose scrapes it")
     parser.add_argument("--openmetrics", metavar="FILE", help="write the metrics' history to FILE (it appears "
                         "under that name only when complete)")
     parser.add_argument("--influxdb", action="store_true", help="write one point a payment to the InfluxDB of "
@@ -133,9 +134,8 @@ def make_parser(settings):
     parser.add_argument("--rate", type=checked(float, 0, payment_api.MAX_SIMULATION_RATE,
                                                f"payments per second above 0, at most "
                                                f"{payment_api.MAX_SIMULATION_RATE:g}"),
-                        default=settings.simulation_rate or 5.0,
-                        help="average payments per second (default SIMULATION_RATE, "
-                        f"{settings.simulation_rate:g})")
+                        default=default_rate, help=f"average payments per second (default SIMULATION_RATE, "
+                        f"{default_rate:g})")
     parser.add_argument("--profile", choices=payment_api.PROFILES, default="diurnal",
                         help="traffic shape; diurnal has a 24-hour period: quiet at 00:00 UTC, busiest at 12:00 "
                         "(default diurnal)")
@@ -391,7 +391,9 @@ def escape_help(text):
 
 
 def label_text(labels):
-    return "{" + ",".join(f'{name}="{value}"' for name, value in sorted(labels.items())) + "}"
+    def escaped(value):
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return "{" + ",".join(f'{name}="{escaped(value)}"' for name, value in sorted(labels.items())) + "}"
 
 
 class OpenMetricsWriter:
