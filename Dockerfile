@@ -20,7 +20,8 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY payment_api.py .
+# The service, and its optional extra for `payment_api.py backfill` (history for 24-hour and 7-day views).
+COPY payment_api.py history.py ./
 
 # A numeric UID needs no /etc/passwd entry and lets Kubernetes' runAsNonRoot verify it.
 USER 10001
