@@ -36,7 +36,7 @@ COMPOSE, ENV_EXAMPLE, DOCKERFILE = HERE / "docker-compose.yml", HERE / ".env.exa
 
 # Fast equivalents of the shipped durations. Rate windows keep their order (5m < 30m < 1h < 6h), so the
 # multi-window SLO alerts keep their meaning; at 100 payments/s a 20 s window holds 2,000 payments, and the
-# normal 3 % of 500s stays 5 standard deviations below the 5 % threshold.
+# normal 2 % of 500s and 1.5 % of declines stay 9 and 13 standard deviations below their 5 % thresholds.
 FAST_WINDOWS = {"1m": "5s", "2m": "10s", "5m": "20s", "30m": "40s", "1h": "60s", "6h": "90s"}
 FAST_HOLDS = {"1m": "5s", "2m": "5s", "5m": "5s", "15m": "10s"}
 LONGEST_FAST_WINDOW, LONGEST_FAST_HOLD = 90, 10  # seconds
@@ -151,7 +151,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """The app (QUIET settings + 100 payments/s, 3 % failures) and Prometheus with the fast rules, for the module.
+    """The app (QUIET settings + 100 payments/s, 2 % failures, 2 % of card payments declined) and Prometheus with
+    the fast rules, for the module.
 
     The function-scoped `make_app` and `start_prometheus` fixtures would restart both for every test;
     this uses the same settings and the same Prometheus class, and stops both after the module.
@@ -250,6 +251,7 @@ def test_no_alert_fires_in_normal_traffic(stack):
     assert all(rule["health"] == "ok" for group in groups for rule in group["rules"]), groups
     # The alert expressions have data, and it is normal: quiet because nothing is wrong, not because of no data.
     assert 0.01 < stack.value("payment:error_ratio:rate5m") < 0.05
+    assert 0.005 < stack.value("payment:decline_ratio:rate5m") < 0.03  # declines on, counted apart from errors
     assert stack.value("payment:unavailable_ratio:rate5m") == 0
     assert 0.2 < stack.value("payment:duration_seconds:p95_5m") < 0.5
 
@@ -299,7 +301,7 @@ def test_seed_example_queries_return_sensible_values(stack):
         assert len(success) == 1 and 90 < float(success[0]["value"][1]) < 100, success
         p95 = {row["metric"]["status"]: float(row["value"][1])
                for row in run("histogram_quantile(0.95, rate(payment_duration_seconds_bucket[5m]))")}
-        assert set(p95) == {"success", "failed"} and all(0.1 < value < 0.5 for value in p95.values()), p95
+        assert set(p95) == {"success", "declined", "failed"} and all(0.1 < v < 0.5 for v in p95.values()), p95
         revenue = {row["metric"]["currency"]: float(row["value"][1]) for row in run("payment_daily_revenue")}
         assert set(revenue) == currencies and all(amount > 0 for amount in revenue.values()), revenue
         active = run("active_payments")
@@ -561,23 +563,31 @@ def test_panels_have_unique_ids_fit_the_grid_and_do_not_overlap():
 
 def test_error_spike_fires_high_payment_error_rate_and_it_resolves_after_stop(stack):
     fired = run_incident(stack, "error_spike", "HighPaymentErrorRate",
-                         quiet=("PaymentServiceUnavailable", "HighPaymentLatencyP95"))
+                         quiet=("PaymentServiceUnavailable", "HighPaymentLatencyP95", "HighPaymentDeclineRate"))
     assert_fired_as_shipped(fired, "HighPaymentErrorRate")
     assert float(fired["value"]) > 0.05
 
 
 def test_latency_degradation_fires_high_payment_latency_p95_and_it_resolves_after_stop(stack):
     fired = run_incident(stack, "latency_degradation", "HighPaymentLatencyP95",
-                         quiet=("HighPaymentErrorRate", "PaymentServiceUnavailable"))
+                         quiet=("HighPaymentErrorRate", "PaymentServiceUnavailable", "HighPaymentDeclineRate"))
     assert_fired_as_shipped(fired, "HighPaymentLatencyP95")
     assert float(fired["value"]) > 0.5
 
 
 def test_outage_fires_payment_service_unavailable_not_the_error_rate_alert_and_it_resolves(stack):
     fired = run_incident(stack, "outage", "PaymentServiceUnavailable",
-                         quiet=("HighPaymentErrorRate", "HighPaymentLatencyP95"))
+                         quiet=("HighPaymentErrorRate", "HighPaymentLatencyP95", "HighPaymentDeclineRate"))
     assert_fired_as_shipped(fired, "PaymentServiceUnavailable")
     assert float(fired["value"]) > 0.05
+
+
+def test_decline_wave_fires_high_payment_decline_rate_not_the_error_or_slo_alerts_and_it_resolves(stack):
+    fired = run_incident(stack, "decline_wave", "HighPaymentDeclineRate",
+                         quiet=("HighPaymentErrorRate", "PaymentServiceUnavailable", "PaymentAvailabilitySLOBurn",
+                                "HighPaymentLatencyP95"))
+    assert_fired_as_shipped(fired, "HighPaymentDeclineRate")
+    assert 0.05 < float(fired["value"]) < 0.3  # the wave, filling the window, heads for 22 % (30 % of card payments)
 
 # ---------------------------------------------------------------- C. compose file, .env.example, image
 
