@@ -5,6 +5,7 @@ them those tests skip; under CI=true a missing binary fails them instead.
 """
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import socket
@@ -20,6 +21,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import payment_api
+
+# influxdb-client logs from its own threads, some of which outlive a test: without a handler of its own, Python's
+# last-resort handler would print those lines into the test output after the test (the service filters them)
+logging.getLogger("influxdb_client").addHandler(logging.NullHandler())
 
 QUIET = {"simulation_enabled": False, "failure_rate": 0.0, "decline_rate": 0.0, "influxdb_url": "", "host": "127.0.0.1", "port": 0, "shutdown_timeout": 5.0}
 
@@ -234,7 +239,7 @@ def start_prometheus(tmp_path):
 
 class RecordingInfluxDB(ThreadingHTTPServer):
     """Answers every write with 204 and keeps the line protocol it received; or, while `refusing`, drops the
-    connection without an answer and counts the attempt.
+    connection without an answer and counts the attempt; or, with `error_status` set, answers that error.
 
     victoria-metrics keeps timestamps to the millisecond, stores no string field and turns the point into
     metrics, and a stopped one refuses connections without a trace: the exact line protocol and the number
@@ -244,6 +249,7 @@ class RecordingInfluxDB(ThreadingHTTPServer):
 
     def __init__(self):
         self.bodies, self.refusing, self.refused = [], False, 0
+        self.error_status = None
 
         class Handler(BaseHTTPRequestHandler):  # HTTP/1.0: one request a connection, so no thread idles
             def do_POST(handler):
@@ -251,6 +257,12 @@ class RecordingInfluxDB(ThreadingHTTPServer):
                 if self.refusing:
                     self.refused += 1
                     return  # the connection closes without a status line
+                if self.error_status:
+                    self.refused += 1
+                    handler.send_response(self.error_status)
+                    handler.send_header("Content-Length", "0")
+                    handler.end_headers()
+                    return
                 self.bodies.append((handler.path, body))
                 handler.send_response(204)
                 handler.send_header("Content-Length", "0")

@@ -185,8 +185,10 @@ class Settings:
         parser = argparse.ArgumentParser(
             prog="payment_api.py", description=__doc__.splitlines()[0],
             epilog=f"{' and '.join(secrets_only)} are read from the environment only, never from a flag "
-                   "(any user can read a process's flags with ps). 'payment_api.py backfill --help' tells how to "
-                   "write days of history into Prometheus and InfluxDB.")
+                   "(any user can read a process's flags with ps). Test card numbers the bank always declines: "
+                   + ", ".join(f"{number} ({code})" for number, code in TEST_CARDS.items())
+                   + ". 'payment_api.py backfill --help' tells how to write days of history into Prometheus "
+                   "and InfluxDB.")
         for spec in specs:
             if spec.repr:
                 parser.add_argument(flag(spec), metavar=spec.metadata["env"], help=describe(spec))
@@ -238,11 +240,13 @@ CUSTOMER_POOL = 1000
 POOL_CUSTOMER = re.compile(r"cust_[0-9]{5}")  # ids InfluxDB may tag; any other is tagged "other" (bounded series)
 MAX_BODY_BYTES = 64 * 1024
 MAX_REFUNDS = 100  # refunds a payment may have, so a payment's memory stays bounded too
+ECHO_LIMIT = 200  # characters of client input repeated in an answer or a log line
 
 
 class ClientError(Exception):
     """A mistake in a request: answered with `status` and a JSON body, never a traceback."""
     status = 400
+    closes_connection = False  # True where the body's end is unknown: what follows must not be read as a request
 
     def __init__(self, message, **details):
         super().__init__(message)
@@ -273,6 +277,11 @@ class MethodNotAllowed(ClientError):
 
 class LengthRequired(ClientError):
     status = 411
+    closes_connection = True
+
+
+class AmbiguousFraming(MalformedBody):
+    closes_connection = True
 
 
 class RequestTimeout(ClientError):
@@ -432,8 +441,9 @@ class Payment:
         if request.card_last4:
             body["cardLast4"] = request.card_last4
         if self.succeeded:
-            body["refundedAmount"] = float(self.refunded)
-            body["refunds"] = [refund.to_json() for refund in self.refunds]
+            refunds = list(self.refunds)  # one snapshot, while a refund may be appended meanwhile
+            body["refundedAmount"] = float(sum((refund.amount for refund in refunds), Decimal(0)))
+            body["refunds"] = [refund.to_json() for refund in refunds]
         elif self.http_status == 402:
             body["error"] = "Payment declined by the bank"
             body["declineCode"] = self.decline_code
@@ -462,6 +472,28 @@ def iso_utc(epoch_seconds):
     return datetime.fromtimestamp(epoch_seconds, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
+@dataclass(frozen=True)
+class ListingFilter:
+    """A query parameter of GET /api/payments: how to read it, what it allows, and the payment's value."""
+    read: object  # (text, currencies) -> the value, or None when it is not allowed
+    allowed: object  # currencies -> what is allowed, for the 400
+    value_of: object  # payment -> its value
+
+
+LISTING_FILTERS = {
+    "customerId": ListingFilter(lambda text, _: text if CUSTOMER_ID.fullmatch(text) else None,
+                                lambda _: "1-64 characters of A-Z, a-z, 0-9, _ and -",
+                                lambda payment: payment.request.customer_id),
+    "status": ListingFilter(lambda text, _: text if text in PAYMENT_STATUSES else None,
+                            lambda _: "one of " + ", ".join(PAYMENT_STATUSES),
+                            lambda payment: payment.status),
+    "currency": ListingFilter(known_currency, lambda currencies: "one of " + ", ".join(currencies),
+                              lambda payment: payment.request.currency),
+    "type": ListingFilter(lambda text, _: known_type(text), lambda _: "one of " + ", ".join(PAYMENT_TYPES),
+                          lambda payment: payment.request.type),
+}
+
+
 class PaymentStore:
     """The most recent payments by id, up to a fixed count, so memory stays flat however long it runs."""
 
@@ -483,8 +515,9 @@ class PaymentStore:
     def recent(self, limit, matches=lambda payment: True):
         """Up to `limit` payments, newest first, that `matches` accepts."""
         with self._lock:
-            newest_first = (payment for payment in reversed(self._payments.values()) if matches(payment))
-            return [payment for payment, _ in zip(newest_first, range(limit))]
+            payments = list(self._payments.values())  # filtering outside the lock never holds up a payment
+        newest_first = (payment for payment in reversed(payments) if matches(payment))
+        return [payment for payment, _ in zip(newest_first, range(limit))]
 
     def refund(self, payment_id, amount, make_refund):
         """Check and record a refund of `amount` (None: all that remains) at once, so racing refunds never
@@ -496,8 +529,10 @@ class PaymentStore:
             if not payment.succeeded:
                 raise Conflict(f"only a completed payment can be refunded; this one is {payment.status}")
             remaining = payment.request.amount - payment.refunded
-            if remaining <= 0 or len(payment.refunds) >= MAX_REFUNDS:
+            if remaining <= 0:
                 raise Conflict("nothing left to refund on this payment")
+            if len(payment.refunds) >= MAX_REFUNDS:
+                raise Conflict(f"a payment can have at most {MAX_REFUNDS} refunds")
             if amount is not None and amount > remaining:
                 raise Unprocessable(f"at most {remaining} {payment.request.currency} remains to refund",
                                     field="amount", refundable=float(remaining))
@@ -529,7 +564,8 @@ class IdempotencyKeys:
         self._lock = threading.Lock()
 
     def begin(self, key, fingerprint):
-        """'new' (the caller processes the request), 'replayed' with the answer, 'in_progress' or 'mismatch'."""
+        """(result, entry): 'new' (the caller processes the request and remembers its answer in the entry),
+        'replayed' (the entry holds the first answer), 'in_progress' or 'mismatch'."""
         with self._lock:
             now = self._clock()
             while self._answers and next(iter(self._answers.values())).expires_at <= now:
@@ -537,22 +573,29 @@ class IdempotencyKeys:
             known = self._answers.get(key)
             if known is None:
                 if len(self._answers) >= self.CAPACITY:
-                    self._answers.popitem(last=False)
-                self._answers[key] = RememberedAnswer(fingerprint, now + self.KEEP_SECONDS)
-                return "new", None
+                    self._forget_oldest_answered()
+                entry = self._answers[key] = RememberedAnswer(fingerprint, now + self.KEEP_SECONDS)
+                return "new", entry
             if known.fingerprint != fingerprint:
-                return "mismatch", None
-            return ("in_progress", None) if known.status is None else ("replayed", known)
+                return "mismatch", known
+            return ("in_progress" if known.status is None else "replayed"), known
 
-    def remember(self, key, status, body):
-        with self._lock:
-            if key in self._answers:
-                self._answers[key].status = status
-                self._answers[key].body = body
+    def _forget_oldest_answered(self):
+        """Make room without forgetting a request still in progress: its retry would be charged again."""
+        for key, entry in self._answers.items():
+            if entry.status is not None:
+                del self._answers[key]
+                return
 
-    def forget(self, key):
+    def remember(self, entry, status, body):
         with self._lock:
-            self._answers.pop(key, None)
+            entry.status = status
+            entry.body = body
+
+    def forget(self, key, entry):
+        with self._lock:
+            if self._answers.get(key) is entry:
+                del self._answers[key]
 
     def __len__(self):
         return len(self._answers)
@@ -850,6 +893,13 @@ class DisabledExporter:
 
 UNREACHABLE = ("InfluxDB unreachable: points are kept (up to INFLUXDB_BUFFER_SIZE) and retried; "
                "set INFLUXDB_URL to your InfluxDB 2, or to nothing to turn export off")
+REFUSING = "InfluxDB answers with errors: points are retried where that may help, else dropped and counted"
+NEVER_ACCEPTED_WAIT = 1.0  # seconds a stop gives an InfluxDB that has not accepted a point yet
+
+
+def influxdb_answered(error):
+    """True when InfluxDB sent an error status (it is up), False when no answer came at all."""
+    return bool(getattr(error, "status", None)) or getattr(error, "response", None) is not None
 
 
 class InfluxExporter:
@@ -865,7 +915,9 @@ class InfluxExporter:
         from influxdb_client import InfluxDBClient, WritePrecision
         from influxdb_client.client.write_api import WriteOptions
         from reactivex.scheduler import EventLoopScheduler
-        self.settings, self.metrics, self._precision = settings, metrics, WritePrecision.NS
+        self.settings = settings
+        self.metrics = metrics
+        self._precision = WritePrecision.NS
         self.state = "connecting"
         self._pending = 0
         self._closed = False
@@ -909,7 +961,6 @@ class InfluxExporter:
             self.metrics.influx_written.inc(points)
         else:
             self.metrics.influx_dropped.labels(outcome).inc(points)
-        return points
 
     def _set_state(self, state, message, error=None, only_from=None):
         """Log a change of state once (up, unreachable, refusing), not once a batch or a retry."""
@@ -927,14 +978,16 @@ class InfluxExporter:
     def _retrying(self, _conf, _data, error):
         if self._closed:  # raising here ends the client's retries, which would otherwise go on after exit
             raise ConnectionAbortedError("payment-api stopped; the points were counted as dropped")
-        self._set_state("unreachable", UNREACHABLE, error)
+        if influxdb_answered(error):  # 429 or 503: up, but not taking points now
+            self._set_state("refusing", REFUSING, error)
+        else:
+            self._set_state("unreachable", UNREACHABLE, error)
 
     def _failed(self, _conf, data, error):
+        """A batch given up: after its retries (whose state was said already), or refused outright (a 4xx)."""
         self._settle(data, "write_error")
-        if getattr(error, "status", None) or getattr(error, "response", None) is not None:  # InfluxDB answered
-            self._set_state("refusing", "InfluxDB refuses points: they are dropped and counted", error)
-        else:  # retried until given up: still unreachable, already said
-            self._set_state("unreachable", UNREACHABLE, error)
+        if influxdb_answered(error):
+            self._set_state("refusing", REFUSING, error)
 
     def health(self):
         return {"state": self.state, "url": self.settings.influxdb_url, "bucket": self.settings.influxdb_bucket,
@@ -943,10 +996,13 @@ class InfluxExporter:
     def close(self, timeout):
         """Send what is pending, waiting at most `timeout` seconds, then count what is left as dropped.
 
-        An InfluxDB known to be unreachable or refusing would not take the points: the stop does not wait for it.
+        An InfluxDB known to be unreachable or refusing would not take the points: the stop does not wait for it,
+        and one that has not accepted a point yet gets NEVER_ACCEPTED_WAIT, enough for a healthy one.
         """
         if self.state in ("unreachable", "refusing"):
             timeout = 0
+        elif self.state != "up":
+            timeout = min(timeout, NEVER_ACCEPTED_WAIT)
         self._options.max_close_wait = int(timeout * 1000)  # the client's default is 300 s
         batching = self._write_api._disposable
         self._write_api.close()
@@ -1129,7 +1185,8 @@ class ScenarioBoard:
 CURRENCY_WEIGHTS = {"EUR": 50, "USD": 30, "GBP": 20}  # other configured currencies weigh 10
 TYPE_WEIGHTS = (70, 20, 10)  # standard, express, recurring
 METHOD_WEIGHTS = (75, 15, 10)  # card, bank_transfer, wallet
-REFUND_SHARE, REFUND_AFTER = 0.02, (60.0, 600.0)  # 2 % of completed payments are refunded 1-10 minutes later
+REFUND_SHARE = 0.02  # of completed simulated payments, refunded REFUND_AFTER (1 to 10 minutes) later
+REFUND_AFTER = (60.0, 600.0)
 FULL_REFUND_SHARE = 0.7  # the others return part of the amount
 AMOUNT_BANDS = ((0.75, 10, 200), (0.20, 200, 1000), (0.05, 1000, 6000))  # share, low, high (log-uniform)
 RETURNING_CUSTOMERS, RETURNING_SHARE = 100, 0.6  # 10 % of the pool make 60 % of payments
@@ -1257,11 +1314,10 @@ class Simulator:
 
 IDLE_TIMEOUT_SECONDS = 15  # an idle keep-alive connection is closed after this
 HEADER_SECONDS = 10  # request line and headers must arrive within this in total, however slowly they trickle
-BODY_SECONDS, BODY_BYTES_PER_SECOND = 10, 16 * 1024  # a body gets 10 s plus 1 s for every 16 KiB
-CONTENT_LENGTH = re.compile(r"[0-9]{1,9}")
-WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")
+BODY_SECONDS = 10  # a body gets this long, plus one second for every BODY_BYTES_PER_SECOND
+BODY_BYTES_PER_SECOND = 16 * 1024
+WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: int() would also take "²" or "١"
 SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
-ECHO_LIMIT = 200  # characters of client input repeated in an answer or a log line
 IDEMPOTENCY_KEY = re.compile(r"[ -~]{1,255}")
 
 
@@ -1314,7 +1370,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"  # even a garbled request line gets a status line and headers
     server_version = f"payment-api/{VERSION}"
     disable_nagle_algorithm = True  # headers and body leave together instead of meeting delayed ACKs
-    wbufsize = -1  # an answer's headers and body are buffered and leave in one send, not two
+    wbufsize = -1  # headers and body are buffered and sent together (one send for an answer up to 8 KiB)
     timeout = IDLE_TIMEOUT_SECONDS  # idle keep-alive connections are closed after this
     body_unread = False  # a request body we did not read: the connection must close after the answer
 
@@ -1351,6 +1407,8 @@ class PaymentHandler(BaseHTTPRequestHandler):
             handler, params = self.find_route("GET" if self.command == "HEAD" else self.command, url.path)
             handler(**params)
         except ClientError as error:
+            if error.closes_connection:
+                self.close_connection = True
             self.send_json(error.status, error.body, error.headers)
         except Exception:
             log.exception("unexpected error", extra={"fields": {"method": self.command,
@@ -1370,9 +1428,11 @@ class PaymentHandler(BaseHTTPRequestHandler):
         """One way to tell where the body ends, or none: anything else could smuggle a second request in it."""
         lengths = self.headers.get_all("Content-Length", [])
         if len(lengths) > 1:
-            raise MalformedBody("more than one Content-Length header")
+            raise AmbiguousFraming("more than one Content-Length header")
         if lengths and "Transfer-Encoding" in self.headers:
-            raise MalformedBody("Content-Length and Transfer-Encoding together")
+            raise AmbiguousFraming("Content-Length and Transfer-Encoding together")
+        if self.headers.defects:  # a malformed header line hides every header after it, Content-Length too
+            raise AmbiguousFraming("a header line is malformed")
 
     def find_route(self, method, path):
         """The handler method and path parameters; 404 for an unknown path, 405 (with Allow) for a wrong method."""
@@ -1410,7 +1470,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
             raise LengthRequired("a Content-Length header is required")
         if length is None:
             return None
-        if not CONTENT_LENGTH.fullmatch(length):
+        if not WHOLE_NUMBER.fullmatch(length):
             raise MalformedBody("Content-Length must be a whole number")
         if int(length) > MAX_BODY_BYTES:
             raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
@@ -1449,7 +1509,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(body)
             self.wfile.flush()  # the answer leaves now, before the request counts as done (a stop waits for that)
-        except ConnectionError:  # the client hung up; what it asked for is done and counted all the same
+        except OSError:  # the client hung up, or reads too slowly: what it asked for is done and counted all the same
             self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):
@@ -1458,7 +1518,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
 
     def finish(self):
-        """Closing with a body unread (a 413): read it away for a moment, so the client sees our answer, not a reset."""
+        """Closing with a body unread (a 413, a 400): read it away briefly, so the client sees our answer."""
         super().finish()
         if self.body_unread:
             try:
@@ -1529,11 +1589,11 @@ class PaymentHandler(BaseHTTPRequestHandler):
             raise InvalidField("Idempotency-Key", "Idempotency-Key must be 1-255 printable ASCII characters")
         app = self.server.app
         request_text = json.dumps([self.command, urlsplit(self.path).path, document], sort_keys=True, default=str)
-        result, answer = app.idempotency.begin(key, hashlib.sha256(request_text.encode()).hexdigest())
+        result, entry = app.idempotency.begin(key, hashlib.sha256(request_text.encode()).hexdigest())
         if result != "new":
             app.metrics.idempotency.labels(result).inc()
         if result == "replayed":
-            return self.send_json(answer.status, answer.body, {"Idempotent-Replayed": "true"})
+            return self.send_json(entry.status, entry.body, {"Idempotent-Replayed": "true"})
         if result == "in_progress":
             raise Conflict("a request with this Idempotency-Key is still being processed; retry in a moment")
         if result == "mismatch":
@@ -1541,12 +1601,12 @@ class PaymentHandler(BaseHTTPRequestHandler):
         try:
             status, body = process()
         except BaseException:
-            app.idempotency.forget(key)
+            app.idempotency.forget(key, entry)
             raise
         if status == 503:  # refused, not processed: a retry after the outage may succeed
-            app.idempotency.forget(key)
+            app.idempotency.forget(key, entry)
         else:
-            app.idempotency.remember(key, status, body)
+            app.idempotency.remember(entry, status, body)
         self.send_json(status, body)
 
     def read_fault(self):
@@ -1572,14 +1632,14 @@ class PaymentHandler(BaseHTTPRequestHandler):
         if not WHOLE_NUMBER.fullmatch(text) or int(text) < 1:
             raise InvalidField("limit", "limit must be a whole number of at least 1")
         wanted = {}
-        for name, (read, allowed) in LISTING_FILTERS.items():
+        for name, listing_filter in LISTING_FILTERS.items():
             if name in self.query:
-                wanted[name] = read(self.query[name][-1], app.settings.currencies)
+                wanted[name] = listing_filter.read(self.query[name][-1], app.settings.currencies)
                 if wanted[name] is None:
-                    raise InvalidField(name, f"{name} must be {allowed(app.settings.currencies)}")
+                    raise InvalidField(name, f"{name} must be {listing_filter.allowed(app.settings.currencies)}")
 
         def matches(payment):
-            return all(listing_value(payment, name) == value for name, value in wanted.items())
+            return all(LISTING_FILTERS[name].value_of(payment) == value for name, value in wanted.items())
         payments = app.store.recent(min(int(text), app.store.capacity), matches)
         self.send_json(200, {"count": len(payments), "payments": [payment.to_json() for payment in payments]})
 
@@ -1640,28 +1700,13 @@ class PaymentHandler(BaseHTTPRequestHandler):
             raise NotFound("no such scenario", scenario=name[:ECHO_LIMIT], known=list(SCENARIOS))
 
 
-LISTING_FILTERS = {  # query parameter -> (valid value or None, what is allowed)
-    "customerId": (lambda text, _: text if CUSTOMER_ID.fullmatch(text) else None,
-                   lambda _: "1-64 characters of A-Z, a-z, 0-9, _ and -"),
-    "status": (lambda text, _: text if text in PAYMENT_STATUSES else None,
-               lambda _: "one of " + ", ".join(PAYMENT_STATUSES)),
-    "currency": (known_currency, lambda currencies: "one of " + ", ".join(currencies)),
-    "type": (lambda text, _: known_type(text), lambda _: "one of " + ", ".join(PAYMENT_TYPES)),
-}
-
-
-def listing_value(payment, name):
-    request = payment.request
-    return {"customerId": request.customer_id, "status": payment.status, "currency": request.currency,
-            "type": request.type}[name]
-
-
 def is_number(value):
     return isinstance(value, (int, Decimal)) and not isinstance(value, bool)
 
 
 class OverflowHandler(PaymentHandler):
     """Answers one request whose head the Overflow has already read, then closes the connection."""
+    timeout = 2.0  # one slow reader must not hold the Overflow's one thread for long
 
     def setup(self):
         self.request, head = self.request
@@ -1728,11 +1773,13 @@ class Overflow:
             self._selector.register(connection, selectors.EVENT_READ)
 
     def _read(self, connection):
+        entry = self._waiting.get(connection)
+        if entry is None:  # closed to make room after select() reported it
+            return
         try:
             chunk = connection.recv(self.HEAD_BYTES)
         except OSError:
             chunk = b""
-        entry = self._waiting[connection]
         entry[2] += chunk
         if not chunk or len(entry[2]) > self.HEAD_BYTES:
             self._close(connection)
@@ -1792,6 +1839,9 @@ class PaymentServer(ThreadingHTTPServer):
         self.connections = set()
         self._limit_reached_said = False
         self._accept_backoff = 0.0
+        self._starving = False  # accept() failed for want of file descriptors and has not succeeded since
+        self._starving_said = False  # ... and the log said so (at most once a minute)
+        self._starving_said_at = -math.inf
         self._stop_event = threading.Event()
         super().__init__(address, PaymentHandler)
         self.overflow = Overflow(self)
@@ -1803,16 +1853,22 @@ class PaymentServer(ThreadingHTTPServer):
             if error.errno in self.OUT_OF_DESCRIPTORS:
                 self._back_off(error)
             raise
-        if self._accept_backoff:
-            log.info("accepting connections again: file descriptors are free")
-            self._accept_backoff = 0.0
+        self._accept_backoff = self._accept_backoff / 2 if self._accept_backoff > 0.01 else 0.0
+        if self._starving:
+            self._starving = False
+            if self._starving_said:
+                log.info("accepting connections again: file descriptors are free")
         return connection
 
     def _back_off(self, error):
-        """Out of file descriptors: wait (up to 1 s, doubling) for connections to close; say so once."""
-        if not self._accept_backoff:
-            log.warning("out of file descriptors: accepting new connections slows down until some close",
-                        extra={"fields": {"error": str(error), "open connections": len(self.connections)}})
+        """Out of file descriptors: wait (up to 1 s, doubling) for connections to close; say so once a minute."""
+        if not self._starving:
+            self._starving = True
+            self._starving_said = time.monotonic() - self._starving_said_at > 60
+            if self._starving_said:
+                self._starving_said_at = time.monotonic()
+                log.warning("out of file descriptors: accepting new connections slows down until some close",
+                            extra={"fields": {"error": str(error), "open connections": len(self.connections)}})
         self._accept_backoff = min(max(self._accept_backoff * 2, 0.01), 1.0)
         self._stop_event.wait(self._accept_backoff)
 
@@ -1862,7 +1918,7 @@ class PaymentApp:
         self.settings = settings
         self.rng = random.Random()
         self.store = PaymentStore(settings.store_size)
-        self.idempotency = IdempotencyKeys(clock)
+        self.idempotency = IdempotencyKeys(monotonic)
         self.stats = PaymentStats(settings.currencies, clock)
         self.scenarios = ScenarioBoard(settings, clock)
         self.metrics = PaymentMetrics(settings.currencies, self.stats, self.scenarios)
@@ -1911,7 +1967,7 @@ class PaymentApp:
         with self._idle:  # requests in progress may take all but the last second, which is InfluxDB's
             if not self._idle.wait_for(lambda: self._in_progress == 0, max(deadline - time.monotonic() - 1, 0)):
                 self.abort_waits.set()
-                self._idle.wait_for(lambda: self._in_progress == 0, timeout=1.0)
+                self._idle.wait_for(lambda: self._in_progress == 0, timeout=0.5)
         self.server.shutdown_connections(socket.SHUT_RDWR)
         self.server.server_close()
         self.simulator.stop()

@@ -42,9 +42,13 @@ SMUGGLED = b"POST /api/payments HTTP/1.1\r\nHost: x\r\nContent-Type: application
 
 @pytest.mark.parametrize("framing", [
     b"Content-Length: 14\r\nContent-Length: 105\r\n",
+    b"Content-Length: 0\r\nContent-Length: 14\r\n",
     b"Content-Length: 14\r\nContent-Length: 14\r\n",
     b"Content-Length: 14\r\nTransfer-Encoding: chunked\r\n",
-], ids=["two lengths", "a repeated length", "length and chunked"])
+    b"X Bad: 1\r\nContent-Length: 14\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+], ids=["two lengths", "zero then a length", "a repeated length", "length and chunked",
+        "a malformed line hiding the length", "chunked alone"])
 def test_ambiguous_body_framing_is_a_400_that_closes_and_smuggles_no_payment(app, framing):
     request = (b"POST /api/payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing + b"\r\n"
                + b'{"amount": 10}' + SMUGGLED)
@@ -52,7 +56,7 @@ def test_ambiguous_body_framing_is_a_400_that_closes_and_smuggles_no_payment(app
         connection.sendall(request)
         reply = read_until_closed(connection)
 
-    assert reply.startswith(b"HTTP/1.1 400") and reply.count(b"HTTP/1.1") == 1
+    assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 411")) and reply.count(b"HTTP/1.1") == 1
     assert b"Connection: close" in reply
     assert payments_counted(app) == 0
     assert app.stats.snapshot()["totals"]["payments"] == 0
@@ -130,6 +134,27 @@ def test_beyond_the_connection_limit_clients_get_a_fast_503_while_health_and_met
     assert threads_during <= threads_before + 4
 
 
+def test_the_overflow_survives_connections_churning_through_it(make_app, monkeypatch):
+    monkeypatch.setattr(payment_api.Overflow, "CAPACITY", 5)
+    app = make_app(max_connections=1)
+    held = connect(app)
+    eventually(lambda: len(app.server.connections) == 1, message="one connection served")
+    try:
+        for _ in range(20):  # bursts that overfill the overflow while some of its connections send or leave
+            burst = [connect(app) for _ in range(12)]
+            for number, connection in enumerate(burst):
+                if number % 3 == 0:
+                    connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                elif number % 3 == 1:
+                    connection.close()
+            for connection in burst:
+                connection.close()
+        status = http("GET", app.url + "/health", timeout=5)[0]
+    finally:
+        held.close()
+    assert status == 200 and app.server.overflow._thread.is_alive()
+
+
 def test_the_overflow_is_bounded_and_closes_the_oldest_silent_connection(make_app, monkeypatch):
     monkeypatch.setattr(payment_api.Overflow, "CAPACITY", 5)
     app = make_app(max_connections=1)
@@ -180,6 +205,11 @@ def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(run_service, t
         cpu_before = cpu_seconds(service.pid)
         time.sleep(2.0)  # measuring CPU over an interval
         busy = cpu_seconds(service.pid) - cpu_before
+        for _ in range(5):  # churn: some close, as many new ones starve again
+            for client in clients[:20]:
+                client.close()
+            clients[:20] = [socket.create_connection((host, port), timeout=5) for _ in range(20)]
+            time.sleep(0.2)  # pacing the churn
     finally:
         for client in clients:
             client.close()

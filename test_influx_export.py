@@ -421,6 +421,34 @@ def test_unreachable_influxdb_is_said_once_however_many_batches_are_given_up(mak
     assert {message for _, message in about_influxdb[1:]} <= {"InfluxDB points left unwritten at shutdown"}
 
 
+def test_an_influxdb_answering_503_is_said_once_as_refusing_not_unreachable(make_app, caplog, monkeypatch):
+    monkeypatch.setattr(payment_api.InfluxExporter, "RETRIES", QUICK_GIVE_UP)
+    caplog.set_level(logging.INFO, logger="payment_api")
+    with RecordingInfluxDB() as influxdb:
+        influxdb.error_status = 503
+        app = make_app(influxdb_url=influxdb.url, simulation_enabled=True, simulation_rate=200, **FAST_EXPORT)
+        eventually(lambda: metric_value(app.url, "payment_influx_points_dropped_total", reason="write_error") >= 200,
+                   timeout=30, message="many batches given up")
+        app.stop()
+
+    warnings = [record.getMessage() for record in caplog.records
+                if record.name == "payment_api" and record.levelname == "WARNING" and "InfluxDB" in record.getMessage()]
+    assert warnings[0] == payment_api.REFUSING
+    assert set(warnings[1:]) <= {"InfluxDB points left unwritten at shutdown"}
+
+
+def test_a_stop_gives_an_influxdb_that_never_accepted_a_point_one_second(make_app):
+    with HungInfluxDB() as influxdb:
+        app = make_app(influxdb_url=influxdb.url, shutdown_timeout=8.0, **FAST_EXPORT)
+        for _ in range(5):
+            post_payment(app.url)
+        eventually(lambda: influxdb.accepted >= 1, message="a write attempted")
+        stop_time, _ = timed(app.stop)
+
+    assert stop_time < payment_api.NEVER_ACCEPTED_WAIT + 1.0, f"stop took {stop_time:.2f} s"
+    assert registry_value(app, "payment_influx_points_dropped_total", reason="shutdown") == 5
+
+
 def test_stop_does_not_wait_for_an_influxdb_that_cannot_be_reached(run_service):
     service = run_service(INFLUXDB_URL=UNRESOLVABLE, SIMULATION_RATE="50")
     eventually(lambda: influx_health(service.url)["state"] == "unreachable", message="InfluxDB found unreachable")

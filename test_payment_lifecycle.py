@@ -147,6 +147,19 @@ def test_twenty_concurrent_repeats_make_exactly_one_payment(app):
     assert app.stats.snapshot()["totals"]["payments"] == 1 and len(app.store.recent(100)) == 1
 
 
+def test_a_flood_of_keys_never_forgets_a_request_still_in_progress(make_app, monkeypatch):
+    monkeypatch.setattr(payment_api.IdempotencyKeys, "CAPACITY", 5)
+    app = make_app(latency_scale=0)
+    first = ThreadPoolExecutor(1).submit(pay, app, headers={"Idempotency-Key": "slow", "X-Simulate-Latency": "1.5"})
+    eventually(lambda: app.stats.active == 1, message="the first request in progress")
+    for number in range(20):
+        pay(app, headers={"Idempotency-Key": f"flood-{number}"})
+
+    assert pay(app, headers={"Idempotency-Key": "slow"})[0] == 409
+    assert first.result()[0] == 200
+    assert pay(app, headers={"Idempotency-Key": "slow"})[2] == first.result()[2]
+
+
 def test_a_refused_payment_during_an_outage_can_be_retried_with_its_key(app):
     app.scenarios.start("outage")
     assert pay(app, headers={"Idempotency-Key": "after-outage"})[0] == 503
@@ -157,7 +170,7 @@ def test_a_refused_payment_during_an_outage_can_be_retried_with_its_key(app):
 def test_keys_are_bounded_in_count_and_time(make_app, monkeypatch):
     monkeypatch.setattr(payment_api.IdempotencyKeys, "CAPACITY", 50)
     clock = FakeClock()
-    app = make_app(clock=clock, latency_scale=0)
+    app = make_app(monotonic=clock, latency_scale=0)
     for number in range(120):
         pay(app, headers={"Idempotency-Key": f"flood-{number}"})
     assert len(app.idempotency) == 50
