@@ -48,8 +48,7 @@ INCIDENT_SLOT = 8 * 3600  # one past incident in each 8-hour slot of the UTC clo
 INCIDENT_KINDS = ("error_spike", "latency_degradation", "outage", "currency_outage")  # in turn
 INCIDENT_MINUTES = {"outage": (5, 10)}  # shortest and longest; the others run 15-30 minutes, long enough to alert
 INFLUXDB_BATCH_SIZE = 5000  # lines per write; InfluxData's recommended batch
-INFLUXDB_RETRIES = {"retry_interval": 1_000, "exponential_base": 2, "max_retry_delay": 5_000, "max_retries": 8,
-                    "max_retry_time": 120_000}  # as the live export retries
+INFLUXDB_RETRIES = payment_api.InfluxExporter.RETRIES  # as the live export retries
 
 # ---------------------------------------------------------------- options
 

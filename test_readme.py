@@ -10,6 +10,8 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 import payment_api
 from conftest import eventually, free_port, require_binary
 
@@ -46,10 +48,20 @@ def test_every_payment_metric_is_in_the_readme_metrics_table(make_app):
     assert not missing, f"metrics missing from README: {missing}"
 
 
-def test_the_laptop_prometheus_command_works_from_the_repository_root(tmp_path):
+def laptop_prometheus_commands():
+    """Every `prometheus --config.file=...` command in README, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", README)
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("prometheus --config.file=")]
+
+
+def test_the_readme_shows_laptop_prometheus_commands():
+    assert len(laptop_prometheus_commands()) >= 2  # plain, and on the backfilled history
+
+
+@pytest.mark.parametrize("number", range(2))
+def test_the_laptop_prometheus_command_works_from_the_repository_root(tmp_path, number):
     prometheus = require_binary("prometheus")
-    line = next(line.strip() for line in README.splitlines()
-                if line.strip().startswith("prometheus --config.file="))
+    line = laptop_prometheus_commands()[number]
     words = shlex.split(line)
     storage = next(word.split("=", 1)[1] for word in words if word.startswith("--storage.tsdb.path="))
     assert os.path.isabs(storage) and not storage.startswith(str(ROOT)), "its data must go outside the repository"
