@@ -29,6 +29,20 @@ logging.getLogger("influxdb_client").addHandler(logging.NullHandler())
 QUIET = {"simulation_enabled": False, "failure_rate": 0.0, "decline_rate": 0.0, "influxdb_url": "", "host": "127.0.0.1", "port": 0, "shutdown_timeout": 5.0}
 
 
+class FakeClock:
+    """A clock the test moves by hand: for the simulator's schedule, scenario expiry, keys and the UTC day."""
+
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+        return self.now
+
+
 def eventually(condition, timeout=10.0, interval=0.05, message="condition"):
     """Poll `condition` until it returns something truthy (returned), or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

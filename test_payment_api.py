@@ -14,23 +14,9 @@ from datetime import datetime, timezone
 import pytest
 
 import payment_api
-from conftest import eventually, http, metric_value, require_binary
+from conftest import FakeClock, eventually, http, metric_value, require_binary
 
 SEED_PAYMENT = {"amount": 100.50, "currency": "USD", "customerId": "cust_12345", "type": "standard"}
-
-
-class FakeClock:
-    """A clock the test moves by hand: for the simulator's schedule, scenario expiry and the UTC day."""
-
-    def __init__(self, now=1_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-        return self.now
 
 
 def post_payment(app, body=SEED_PAYMENT, headers=None):

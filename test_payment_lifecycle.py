@@ -9,21 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import payment_api
-from conftest import RecordingInfluxDB, eventually, http, metric_value
+from conftest import FakeClock, RecordingInfluxDB, eventually, http, metric_value
 
 PAYMENT = {"amount": 100.50, "currency": "USD", "customerId": "cust_12345", "type": "standard"}
-
-
-class FakeClock:
-    def __init__(self, now=1_000_000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-        return self.now
 
 
 def pay(app, body=PAYMENT, headers=None):
