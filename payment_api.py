@@ -881,6 +881,9 @@ class DisabledExporter:
     def __init__(self, reason):
         self.reason = reason
 
+    def start(self):
+        pass
+
     def export(self, line):
         pass
 
@@ -933,6 +936,8 @@ class InfluxExporter:
         self._write_api = self._client.write_api(write_options=self._options, success_callback=self._written,
                                                  error_callback=self._failed, retry_callback=self._retrying)
         metrics.influx_pending.set_function(lambda: self._pending)
+
+    def start(self):
         threading.Thread(target=self._probe, name="influxdb-probe", daemon=True).start()
 
     def _probe(self):
@@ -1950,10 +1955,17 @@ class PaymentApp:
         self._server_thread = threading.Thread(target=self.server.serve_forever, args=(0.1,), name="http-server")
         self._server_thread.start()
         self.simulator.start()
+        host, port = self.server.server_address[:2]
+        where = (f"every interface, port {port}: open {self.url} on this machine (from outside a container, its "
+                 f"published port)" if host in ("0.0.0.0", "::") else self.url)
+        log.info(f"payment-api listening on {where}", extra={"fields": {
+            "health": self.url + "/health", "metrics": self.url + "/metrics", "payments": self.url + "/api/payments",
+            "simulation": self.simulator.config}})
         for warning in self.settings.warnings:
             log.warning(warning)
         if isinstance(self.exporter, DisabledExporter):
             log.info("InfluxDB export off", extra={"fields": {"reason": self.exporter.reason}})
+        self.exporter.start()
         return self
 
     def stop(self):
@@ -2048,12 +2060,6 @@ def main(argv=None):
                                                      "error": str(error)}})
         app.exporter.close(0)
         return 1
-    host, port = app.server.server_address[:2]
-    where = (f"every interface, port {port}: open {app.url} on this machine (from outside a container, its "
-             f"published port)" if host in ("0.0.0.0", "::") else app.url)
-    log.info(f"payment-api listening on {where}", extra={"fields": {
-        "health": app.url + "/health", "metrics": app.url + "/metrics", "payments": app.url + "/api/payments",
-        "simulation": app.simulator.config, "influxdb": app.exporter.health()["state"]}})
     stop_requested.wait()
     log.info("stopping: finishing requests in progress and InfluxDB writes")
     app.stop()
