@@ -602,8 +602,11 @@ class IdempotencyKeys:
 
 
 class PaymentStats:
-    """Totals since start, today's revenue (UTC day) and the recent failure rate, for /stats and the gauges."""
-    WINDOW_SECONDS = 60
+    """Totals since start, today's revenue (UTC day), the recent failure rate and the last minutes second by
+    second, for /stats, /api/activity and the gauges."""
+    WINDOW_SECONDS = 60  # of payment_failure_rate and the activity's p95
+    ACTIVITY_SECONDS = 300  # kept second by second for /api/activity
+    RECENT_TIMES = 10_000  # processing times kept for the p95 of the last minute, newest first
 
     def __init__(self, currencies, clock):
         self.currencies = currencies
@@ -614,7 +617,8 @@ class PaymentStats:
         self._revenue_total = dict.fromkeys(currencies, Decimal(0))
         self._refunded_total = dict.fromkeys(currencies, Decimal(0))
         self._day, self._daily_revenue = None, {}
-        self._recent = {}  # second -> [completed, failed], for the last WINDOW_SECONDS
+        self._recent = {}  # second -> [completed, failed, declined], for the last ACTIVITY_SECONDS
+        self._recent_times = deque(maxlen=self.RECENT_TIMES)  # (completed at, processing time)
         self.active = 0
 
     def record_start(self):
@@ -631,10 +635,12 @@ class PaymentStats:
                 self._revenue_total[payment.request.currency] += payment.request.amount
             second = int(payment.completed_at)
             if second not in self._recent:
-                self._forget_before(second - self.WINDOW_SECONDS)
-                self._recent[second] = [0, 0]
+                self._forget_before(second - self.ACTIVITY_SECONDS)
+                self._recent[second] = [0, 0, 0]
             self._recent[second][0] += 1
             self._recent[second][1] += payment.status == "failed"
+            self._recent[second][2] += payment.status == "declined"
+            self._recent_times.append((payment.completed_at, payment.processing_time))
 
     def _forget_before(self, oldest_second):
         for second in [second for second in self._recent if second <= oldest_second]:
@@ -663,10 +669,24 @@ class PaymentStats:
 
         A decline is the bank's answer, not a failure of the service: it does not count here."""
         with self._lock:
-            self._forget_before(int(self._clock()) - self.WINDOW_SECONDS)
-            completed = sum(counts[0] for counts in self._recent.values())
-            failed = sum(counts[1] for counts in self._recent.values())
+            since = int(self._clock()) - self.WINDOW_SECONDS
+            last_minute = [counts for second, counts in self._recent.items() if second > since]
+            completed = sum(counts[0] for counts in last_minute)
+            failed = sum(counts[1] for counts in last_minute)
             return 100.0 * failed / completed if completed else 0.0
+
+    def activity(self, seconds):
+        """The last `seconds` seconds, oldest first, with the p95 processing time of the last minute."""
+        with self._lock:
+            now = self._clock()
+            since = now - self.WINDOW_SECONDS
+            times = sorted(time for completed_at, time in self._recent_times if completed_at > since)
+            first = int(now) - seconds + 1
+            counts = [(second, self._recent.get(second, (0, 0, 0))) for second in range(first, int(now) + 1)]
+        p95 = times[min(int(0.95 * len(times)), len(times) - 1)] if times else None
+        return {"windowSeconds": seconds, "p95ProcessingTime": None if p95 is None else round(p95, 4),
+                "seconds": [{"time": iso_utc(second), "payments": count[0], "declined": count[2],
+                             "failed": count[1]} for second, count in counts]}
 
     def snapshot(self):
         failure_rate, daily_revenue = self.recent_failure_rate(), self.daily_revenue()
@@ -1380,11 +1400,14 @@ class PaymentHandler(BaseHTTPRequestHandler):
     body_unread = False  # a request body we did not read: the connection must close after the answer
 
     ROUTES = [(method, re.compile(path + r"\Z"), handler, needs_admin) for method, path, handler, needs_admin in (
+        ("GET", r"/", "console", False),
+        ("GET", r"/openapi.json", "openapi_document", False),
         ("GET", r"/health", "health", False),
         ("GET", r"/metrics", "metrics", False),
         ("POST", r"/api/payments", "create_payment", False),
         ("GET", r"/api/payments", "list_payments", False),
         ("GET", r"/api/payments/stats", "payment_stats", False),
+        ("GET", r"/api/activity", "activity", False),
         ("GET", r"/api/payments/(?P<payment_id>[^/]+)", "get_payment", False),
         ("POST", r"/api/payments/(?P<payment_id>[^/]+)/refunds", "create_refund", False),
         ("GET", r"/api/simulation", "get_simulation", False),
@@ -1650,6 +1673,37 @@ class PaymentHandler(BaseHTTPRequestHandler):
 
     def payment_stats(self):
         self.send_json(200, self.server.app.stats.snapshot())
+
+    def activity(self):
+        """The last minutes second by second, for the console's chart (and anyone's)."""
+        limit = PaymentStats.ACTIVITY_SECONDS
+        for name in self.query:
+            if name != "seconds":
+                raise InvalidField(name[:40], "unknown parameter; known: seconds")
+        text = self.query.get("seconds", [str(limit)])[-1]
+        if not WHOLE_NUMBER.fullmatch(text) or not 1 <= int(text) <= limit:
+            raise InvalidField("seconds", f"seconds must be a whole number from 1 to {limit}")
+        self.send_json(200, self.server.app.stats.activity(int(text)))
+
+    def console(self):
+        """The trainer's console: one static page beside the module, an optional extra."""
+        try:
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "console.html"), "rb") as page:
+                body = page.read()
+        except FileNotFoundError:
+            raise NotFound("the console page (console.html) is not installed beside payment_api.py") from None
+        self.send_body(200, body, {"Content-Type": "text/html; charset=utf-8"})
+
+    def openapi_document(self):
+        """The API described in OpenAPI 3.1, built from the tables the service validates with (openapi.py)."""
+        app = self.server.app
+        if app.openapi is None:
+            try:
+                import openapi  # an optional extra in its own file, imported only when asked for
+            except ImportError:
+                raise NotFound("the API description (openapi.py) is not installed beside payment_api.py") from None
+            app.openapi = json.dumps(openapi.document(app.settings)).encode()
+        self.send_body(200, app.openapi, {"Content-Type": "application/json"})
 
     def get_payment(self, payment_id):
         payment = self.server.app.store.get(payment_id)
@@ -1924,6 +1978,7 @@ class PaymentApp:
         self.rng = random.Random()
         self.store = PaymentStore(settings.store_size)
         self.idempotency = IdempotencyKeys(monotonic)
+        self.openapi = None  # the API description, built once when first asked for
         self.stats = PaymentStats(settings.currencies, clock)
         self.scenarios = ScenarioBoard(settings, clock)
         self.metrics = PaymentMetrics(settings.currencies, self.stats, self.scenarios)

@@ -345,6 +345,30 @@ def test_stats_report_outcomes_rates_and_todays_revenue(make_app):
     assert stats["dailyRevenue"]["EUR"] == 15.25 and stats["activePayments"] == 0
 
 
+def test_activity_counts_the_last_minutes_second_by_second_with_the_recent_p95(make_app):
+    clock = FakeClock(now=1_800_000_000.0)
+    app = make_app(clock=clock)
+    post_payment(app, headers={"X-Simulate-Latency": "0.2"})
+    clock.advance(1)
+    post_payment(app, headers={"X-Simulate-Failure": "true"})
+    post_payment(app, {**SEED_PAYMENT, "cardNumber": "4000000000000002"})
+
+    status, _, activity = http("GET", app.url + "/api/activity?seconds=3")
+    assert status == 200 and activity["windowSeconds"] == 3
+    assert [(s["payments"], s["failed"], s["declined"]) for s in activity["seconds"]] == [(0, 0, 0), (1, 0, 0),
+                                                                                         (2, 1, 1)]
+    assert activity["seconds"][-1]["time"] == "2027-01-15T08:00:01.000Z"
+    assert activity["p95ProcessingTime"] == 0.2
+    clock.advance(payment_api.PaymentStats.ACTIVITY_SECONDS)
+    assert sum(s["payments"] for s in http("GET", app.url + "/api/activity")[2]["seconds"]) == 0
+
+
+@pytest.mark.parametrize("query", ["seconds=0", "seconds=301", "seconds=%C2%B2", "seconds=", "minutes=5"])
+def test_odd_activity_windows_are_a_400(app, query):
+    status, _, body = http("GET", app.url + "/api/activity?" + query)
+    assert status == 400 and body["field"] in ("seconds", "minutes")
+
+
 def test_daily_revenue_resets_at_utc_midnight(make_app):
     clock = FakeClock(datetime(2026, 11, 26, 23, 59, 50, tzinfo=timezone.utc).timestamp())
     app = make_app(clock=clock, latency_scale=0)
