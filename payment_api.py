@@ -1450,7 +1450,9 @@ class PaymentHandler(BaseHTTPRequestHandler):
                 "method": self.command, "path": url.path[:ECHO_LIMIT], "status": self.status,
                 "durationMs": round((time.monotonic() - started) * 1000, 2), "client": self.client_address[0]}})
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
+    # every method HTTP defines gets a JSON 404 or a 405 with Allow; an unknown one keeps http.server's 501
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = dispatch
+    do_QUERY = dispatch
 
     def check_framing(self):
         """One way to tell where the body ends, or none: anything else could smuggle a second request in it."""
@@ -1692,7 +1694,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
                 body = page.read()
         except FileNotFoundError:
             raise NotFound("the console page (console.html) is not installed beside payment_api.py") from None
-        self.send_body(200, body, {"Content-Type": "text/html; charset=utf-8"})
+        self.send_body(200, body, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
 
     def openapi_document(self):
         """The API described in OpenAPI 3.1, built from the tables the service validates with (openapi.py)."""
