@@ -5,7 +5,10 @@ A built-in simulator makes payments from the first second; every payment, simula
 `POST /api/payments`, is counted in the Prometheus metrics at `/metrics` and written to InfluxDB 2.
 """
 import argparse
+import bisect
 import dataclasses
+import functools
+import itertools
 import errno
 import gzip
 import hashlib
@@ -1214,6 +1217,9 @@ REFUND_SHARE = 0.02  # of completed simulated payments, refunded REFUND_AFTER (1
 REFUND_AFTER = (60.0, 600.0)
 FULL_REFUND_SHARE = 0.7  # the others return part of the amount
 AMOUNT_BANDS = ((0.75, 10, 200), (0.20, 200, 1000), (0.05, 1000, 6000))  # share, low, high (log-uniform)
+TYPE_CUMULATIVE = tuple(itertools.accumulate(TYPE_WEIGHTS))
+METHOD_CUMULATIVE = tuple(itertools.accumulate(METHOD_WEIGHTS))
+BAND_CUMULATIVE = tuple(itertools.accumulate(share for share, _, _ in AMOUNT_BANDS))
 RETURNING_CUSTOMERS, RETURNING_SHARE = 100, 0.6  # 10 % of the pool make 60 % of payments
 BURST_EVERY, BURST_LENGTH, BURST_FACTOR = 60.0, 6.0, 4.0
 MAX_LAG_SECONDS = 5.0
@@ -1232,13 +1238,24 @@ def profile_factor(profile, elapsed, period):
 
 def draw_request(rng, currencies):
     """A PaymentRequest as a real shop's customers make them: the simulator's (and the history's) mix."""
-    currency = rng.choices(currencies, [CURRENCY_WEIGHTS.get(code, 10) for code in currencies])[0]
-    payment_type = rng.choices(PAYMENT_TYPES, TYPE_WEIGHTS)[0]
-    _, low, high = rng.choices(AMOUNT_BANDS, [share for share, _, _ in AMOUNT_BANDS])[0]
+    currency = pick(rng, currencies, currency_weights(currencies))
+    payment_type = pick(rng, PAYMENT_TYPES, TYPE_CUMULATIVE)
+    _, low, high = pick(rng, AMOUNT_BANDS, BAND_CUMULATIVE)
     amount = Decimal(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.2f}")
     pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
     customer_id = f"cust_{rng.randrange(1, pool + 1):05d}"
-    return PaymentRequest(amount, currency, payment_type, customer_id, rng.choices(PAYMENT_METHODS, METHOD_WEIGHTS)[0])
+    return PaymentRequest(amount, currency, payment_type, customer_id, pick(rng, PAYMENT_METHODS, METHOD_CUMULATIVE))
+
+
+def pick(rng, population, cumulative_weights):
+    """One weighted pick: what rng.choices(population, cum_weights=...)[0] draws, without building a list
+    (a history of millions of payments spends most of its time here)."""
+    return population[bisect.bisect(cumulative_weights, rng.random() * cumulative_weights[-1], 0, len(population) - 1)]
+
+
+@functools.lru_cache(maxsize=8)
+def currency_weights(currencies):
+    return tuple(itertools.accumulate(CURRENCY_WEIGHTS.get(code, 10) for code in currencies))
 
 
 class Simulator:
