@@ -425,7 +425,7 @@ def test_influxdb_replica_variable_lists_the_instance_tag_of_the_payment_measure
     assert variable["current"]["value"] == ["$__all"]
     schema = written_schema(make_app)
     assert re.search(r'tag:\s*"(\w+)"', variable["query"])[1] == "instance" and "instance" in schema["tags"]
-    assert set(re.findall(r'r\._measurement\s*==\s*"([^"]*)"', variable["query"])) == schema["measurements"]
+    assert set(re.findall(r'r\._measurement\s*==\s*"([^"]*)"', variable["query"])) == {"payment"}
     assert set(re.findall(r'bucket:\s*"([^"]*)"', variable["query"])) == schema["buckets"]
     flux = [target["query"] for _, target in panel_queries(board, "influxdb")]
     assert all(f"${{{name}:json}}" in query for query in flux), "every InfluxDB panel follows the replica variable"
@@ -463,30 +463,38 @@ def test_incident_annotation_marks_exactly_the_running_scenario(stack):
 
 
 def written_schema(make_app):
-    """What the service writes to InfluxDB, read from real writes of a successful and a failed payment.
+    """What the service writes to InfluxDB, read from real writes of a completed, a declined and a failed payment
+    and a refund of the completed one.
 
-    Returns {"buckets", "measurements", "fields": {names}, "tags": {tag: {values}}}. Line protocol is split simply:
-    the service's tag and field values hold no spaces or commas.
+    Returns {"buckets", "measurements", "tags": {tag: {values}}, "by_measurement": {measurement: {"fields": {names},
+    "tags": {names}}}}. Line protocol is split simply: the service's tag and field values hold no spaces or commas.
     """
+    payment = {"amount": 12.5, "currency": "EUR"}
+    declined = {**payment, "cardNumber": next(iter(payment_api.TEST_CARDS))}  # a test card the bank always declines
     with RecordingInfluxDB() as influxdb:
         app = make_app(influxdb_url=influxdb.url, influxdb_flush_interval_ms=100, latency_scale=0)
-        for headers in ({}, {"X-Simulate-Failure": "true"}):
-            status, _, _ = http("POST", app.url + "/api/payments", {"amount": 12.5, "currency": "EUR"}, headers)
-            assert status in (200, 402, 500)
+        answers = [http("POST", app.url + "/api/payments", body, headers)
+                   for body, headers in ((payment, {}), (declined, {}), (payment, {"X-Simulate-Failure": "true"}))]
+        assert [status for status, _, _ in answers] == [200, 402, 500], answers
+        completed = answers[0][2]["paymentId"]
+        status, _, refund = http("POST", f"{app.url}/api/payments/{completed}/refunds", {})
+        assert status == 201, refund
         app.stop()  # sends what is pending
     lines = influxdb.lines()
-    assert len(lines) == 2, f"expected one point per payment (is influxdb-client installed?): {lines}"
+    assert len(lines) == 4, f"expected one point per payment and refund (is influxdb-client installed?): {lines}"
     schema = {"buckets": {urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)["bucket"][0]
                           for path, _ in influxdb.bodies},
-              "measurements": set(), "fields": set(), "tags": {}}
+              "measurements": set(), "tags": {}, "by_measurement": {}}
     for line in lines:
         series, fields, _timestamp = line.split(" ")
         measurement, *tags = series.split(",")
         schema["measurements"].add(measurement)
-        schema["fields"] |= {field.split("=")[0] for field in fields.split(",")}
+        written = schema["by_measurement"].setdefault(measurement, {"fields": set(), "tags": set()})
+        written["fields"] |= {field.split("=")[0] for field in fields.split(",")}
         for tag in tags:
             name, value = tag.split("=")
             schema["tags"].setdefault(name, set()).add(value)
+            written["tags"].add(name)
     return schema
 
 
@@ -503,16 +511,20 @@ def test_flux_queries_name_only_the_bucket_measurement_fields_and_tags_the_servi
         assert query.count("from(") == 1, where
         measurements = re.findall(r'r\._measurement\s*==\s*"([^"]*)"', query)
         assert measurements and set(measurements) <= schema["measurements"], (where, measurements)
+        # A tag or field counts only if the measurement the query reads has it: a refund has no status tag.
+        written = [schema["by_measurement"][measurement] for measurement in measurements]
+        written_fields = set().union(*(each["fields"] for each in written))
+        written_tags = set().union(*(each["tags"] for each in written))
         fields = re.findall(r'r\._field\s*==\s*"([^"]*)"', query)
-        assert fields and set(fields) <= schema["fields"], (where, fields)
+        assert fields and set(fields) <= written_fields, (where, fields)
         columns = set(re.findall(r"\br\.(\w+)", query)) - builtin_columns
-        assert columns <= set(schema["tags"]), (where, columns - set(schema["tags"]))
+        assert columns <= written_tags, (where, columns - written_tags)
         for tag, value in re.findall(r'\br\.(\w+)\s*==\s*"([^"]*)"', query):
             if tag not in builtin_columns:
                 assert value in schema["tags"][tag], (where, tag, value)
         for listed in re.findall(r"columns:\s*\[([^\]]*)\]", query):
             names = set(re.findall(r'"([^"]*)"', listed))
-            assert names <= set(schema["tags"]) | builtin_columns, (where, names)
+            assert names <= written_tags | builtin_columns, (where, names)
         assert set(re.findall(r"\$\{(\w+)(?::\w+)?\}", query)) <= set(variables(board, None)), where
     # The $payment_type variable offers Prometheus `type` values; Flux filters the `payment_type` tag with them.
     assert schema["tags"]["payment_type"] <= set(payment_api.PAYMENT_TYPES)
