@@ -418,17 +418,52 @@ def test_dashboard_variables_offer_the_service_currencies_and_types_from_prometh
         assert variable["includeAll"] and variable["current"]["value"] == ["$__all"], name
 
 
-def test_influxdb_replica_variable_lists_the_instance_tag_of_the_payment_measurement(make_app):
-    board = dashboard()
-    (name, variable), = variables(board, "influxdb").items()
-    assert variable["definition"] == variable["query"] and variable["includeAll"] and variable["multi"]
-    assert variable["current"]["value"] == ["$__all"]
-    schema = written_schema(make_app)
-    assert re.search(r'tag:\s*"(\w+)"', variable["query"])[1] == "instance" and "instance" in schema["tags"]
-    assert set(re.findall(r'r\._measurement\s*==\s*"([^"]*)"', variable["query"])) == {"payment"}
-    assert set(re.findall(r'bucket:\s*"([^"]*)"', variable["query"])) == schema["buckets"]
+def influxdb_variables(board):
+    """{tag: variable} of the dashboard's InfluxDB variables, each listing the values of one tag."""
+    return {re.search(r'tag:\s*"(\w+)"', variable["query"])[1]: variable
+            for variable in variables(board, "influxdb").values()}
+
+
+def grafana_flux_regex(values):
+    """How Grafana's ${name:regex} writes a selection: each value regex-escaped, several as (a|b)."""
+    escaped = [re.sub(r"([\\^$*+?.()|\[\]{}/])", r"\\\1", value) for value in values]
+    return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
+
+
+def test_influxdb_variables_list_the_replica_and_customer_tags_of_the_payment_measurement(make_app):
+    board, schema = dashboard(), written_schema(make_app)
+    listed = influxdb_variables(board)
+    assert set(listed) == {"instance", "customer_id"} and set(listed) <= set(schema["tags"])
+    for tag, variable in listed.items():
+        assert variable["definition"] == variable["query"] and variable["includeAll"] and variable["multi"], tag
+        assert variable["current"]["value"] == ["$__all"], tag
+        assert set(re.findall(r'r\._measurement\s*==\s*"([^"]*)"', variable["query"])) == {"payment"}, tag
+        assert set(re.findall(r'bucket:\s*"([^"]*)"', variable["query"])) == schema["buckets"], tag
     flux = [target["query"] for _, target in panel_queries(board, "influxdb")]
-    assert all(f"${{{name}:json}}" in query for query in flux), "every InfluxDB panel follows the replica variable"
+    replica = listed["instance"]["name"]
+    assert all(f"${{{replica}:json}}" in query for query in flux), "every InfluxDB panel follows the replica variable"
+    customer = listed["customer_id"]["name"]
+    assert all(f"${{{customer}:regex}}" in query for query in flux), "every InfluxDB panel follows the customer variable"
+
+
+def test_customer_filter_keeps_exactly_the_chosen_customers_and_all_of_them_for_all(make_app):
+    """The Flux panels filter customer_id with the regex Grafana writes for ${customer:regex}: one customer, several,
+    or the variable's allValue for All, which keeps every customer without listing a thousand of them."""
+    board = dashboard()
+    variable = influxdb_variables(board)["customer_id"]
+    name, everyone = variable["name"], variable["allValue"]
+    flux = [target["query"] for _, target in panel_queries(board, "influxdb")]
+    patterns = {re.search(r"r\.customer_id\s*=~\s*/(.*?)/\)", query)[1] for query in flux}
+    pattern, = patterns  # one filter, the same in every panel
+    customers = written_schema(make_app)["tags"]["customer_id"] | {"other", "cust_00042", "cust_000420", "cust_00043"}
+
+    def kept(selection):
+        regex = re.compile(pattern.replace(f"${{{name}:regex}}", selection))
+        return {value for value in customers if regex.search(value)}  # Flux's =~ matches anywhere in the value
+
+    assert kept(grafana_flux_regex(["cust_00042"])) == {"cust_00042"}
+    assert kept(grafana_flux_regex(["cust_00042", "other"])) == {"cust_00042", "other"}
+    assert kept(everyone) == customers
 
 
 def test_every_dashboard_promql_query_returns_data_for_one_several_and_all_values(stack):
