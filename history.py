@@ -1,4 +1,4 @@
-"""History on demand: days of simulated payments for Prometheus (an OpenMetrics file) and InfluxDB (the live points).
+"""History on demand: days of simulated payments and refunds for Prometheus (an OpenMetrics file) and InfluxDB.
 
 Run it through the service: `python payment_api.py backfill --days 7 --openmetrics history.om --influxdb`
 (`--help` lists every option). The payments come from the simulator's own draws in payment_api.py; the file
@@ -6,7 +6,9 @@ becomes Prometheus blocks with `promtool tsdb create-blocks-from openmetrics --m
 
 The history is a pure function of the seed and the time: each hour (a "chunk") draws its payments from a
 random generator seeded with the seed and the chunk's start, so separate runs for Prometheus and InfluxDB, any
-number of worker processes, and a longer --days all give the same payments for the same moment.
+number of worker processes, and a longer --days all give the same payments for the same moment. The refunds of a
+chunk's payments come from a second generator seeded the same way, as the live simulator makes them: a few minutes
+later, possibly in a later chunk, and not at all when that is after the end.
 """
 import argparse
 import bisect
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.request
 from collections import deque
 from dataclasses import dataclass
@@ -125,8 +128,8 @@ def make_parser(settings):
                       "in compose scrapes it")
     parser.add_argument("--openmetrics", metavar="FILE", help="write the metrics' history to FILE (it appears "
                         "under that name only when complete)")
-    parser.add_argument("--influxdb", action="store_true", help="write one point a payment to the InfluxDB of "
-                        "the INFLUXDB_* settings, exactly like the live export")
+    parser.add_argument("--influxdb", action="store_true", help="write one point a payment and one a refund to "
+                        "the InfluxDB of the INFLUXDB_* settings, exactly like the live export")
     parser.add_argument("--seed", type=int, default=settings.simulation_seed if settings.simulation_seed is not None
                         else DEFAULT_SEED, help="same seed, same history, byte for byte (default SIMULATION_SEED, "
                         f"else {DEFAULT_SEED})")
@@ -266,7 +269,9 @@ class RowLayout:
         self.duration_sums = self.duration_buckets + outcomes * (len(DURATION_BUCKETS) + 1)  # [outcome]
         self.revenue = self.duration_sums + outcomes  # [currency], completed payments only
         self.active = self.revenue + count  # payments started minus payments completed
-        self.width = self.active + 1
+        self.refund_buckets = self.active + 1  # [currency][le]; the +Inf bucket is payment_refunds_total too
+        self.refund_sums = self.refund_buckets + count * (len(AMOUNT_BUCKETS) + 1)  # [currency]
+        self.width = self.refund_sums + count
 
     def request_slot(self, status, payment_type, currency):
         return ((self.status[status] * len(PAYMENT_TYPES) + self.type[payment_type]) * len(self.currencies)
@@ -282,6 +287,12 @@ class RowLayout:
     def duration_slot(self, outcome, bucket):
         return self.duration_buckets + outcome * (len(DURATION_BUCKETS) + 1) + bucket
 
+    def refund_slot(self, currency, bucket):
+        return self.refund_buckets + self.currency[currency] * (len(AMOUNT_BUCKETS) + 1) + bucket
+
+    def refund_sum_slot(self, currency):
+        return self.refund_sums + self.currency[currency]
+
     def failed_slots(self):
         """The request counts of payments the failure rate counts as failed: 5xx, as PaymentStats does."""
         return [self.request_slot(int(status), payment_type, currency) for status in OUTCOME_STATUSES
@@ -292,17 +303,48 @@ class RowLayout:
         outcomes = range(len(self.outcomes))
         amounts = [(self.amount_slot(currency, outcome, 0), len(AMOUNT_BUCKETS) + 1)
                    for currency in self.currencies for outcome in outcomes]
-        return amounts + [(self.duration_slot(outcome, 0), len(DURATION_BUCKETS) + 1) for outcome in outcomes]
+        refunds = [(self.refund_slot(currency, 0), len(AMOUNT_BUCKETS) + 1) for currency in self.currencies]
+        return (amounts + [(self.duration_slot(outcome, 0), len(DURATION_BUCKETS) + 1) for outcome in outcomes]
+                + refunds)
+
+
+class RefundDraws:
+    """Whether, when and how much the live simulator refunds of a completed payment, drawn from `rng`.
+
+    It runs the simulator's own Simulator._finish_until on this stand-in, one completed payment at a time, so the
+    shares, delays and partial amounts are the live ones without a copy of their numbers (payment_api has no
+    function that draws a refund alone).
+    """
+    processor = types.SimpleNamespace(finish=lambda payment: None)  # the history counts the payment itself
+
+    def __init__(self, rng):
+        self._rng = rng
+        self._in_flight = []
+        self._refunds_due = []
+        self._completed = payment_api.Payment("", None, "history", 0.0, 200)  # given each request in turn
+
+    def refund_of(self, request, completed_at):
+        """(due time, amount) of the refund the simulator makes of a completed payment of `request`, or None."""
+        self._completed.request = request
+        self._in_flight.append((completed_at, 0, self._completed))
+        payment_api.Simulator._finish_until(self, math.inf)
+        if not self._refunds_due:
+            return None
+        due_at, _, _, amount = self._refunds_due.pop()
+        return due_at, request.amount if amount is None else amount  # None: all that remains, here all of it
 
 
 def draw_chunk(plan, chunk_start):
-    """The payments arriving in [chunk_start, chunk_start + chunk_seconds) that complete by the end.
+    """The payments arriving in [chunk_start, chunk_start + chunk_seconds) that complete by the end, and their
+    refunds that are due by the end.
 
-    Returns ({sample index: what completed in that interval, laid out by RowLayout}, [InfluxDB bodies], payments).
-    Payments are counted when they complete, as PaymentMetrics.record_payment counts them live.
+    Returns ({sample index: what completed in that interval, laid out by RowLayout}, [InfluxDB bodies], payments,
+    refunds). Both are counted when they happen, as PaymentMetrics.record_payment and record_refund count them
+    live; a refund can fall into a sample interval of a later chunk.
     """
     settings, layout = plan.settings, RowLayout(plan.settings.currencies, plan.outcome_of_status)
     rng = random.Random(f"payment-api history {plan.seed} {chunk_start}")
+    refund_draws = RefundDraws(random.Random(f"payment-api refunds {plan.seed} {chunk_start}"))
     chunk_end = min(chunk_start + plan.chunk_seconds, plan.end)
     incidents = [incident for incident in plan.incidents
                  if incident.start < chunk_end + 1 and incident.end > chunk_start]
@@ -324,10 +366,13 @@ def draw_chunk(plan, chunk_start):
                                                layout.revenue + number if status == 200 else None)
     duration_slots = {status: (layout.duration_slot(outcome, 0), layout.duration_sums + outcome)
                       for status, outcome in layout.outcome.items()}
+    refund_slots = {currency: (layout.refund_slot(currency, 0), layout.refund_sum_slot(currency))
+                    for currency in layout.currency}
     active, width = layout.active, layout.width
     find_bucket, draw_request, draw_outcome = bisect.bisect_left, payment_api.draw_request, payment_api.draw_outcome
-    payment_line, with_lines, instance = payment_api.payment_line, plan.with_lines, plan.influx_instance
-    rows, lines, bodies, payments = {}, [], [], 0
+    payment_line, refund_line = payment_api.payment_line, payment_api.refund_line
+    with_lines, instance = plan.with_lines, plan.influx_instance
+    rows, lines, bodies, payments, refunds = {}, [], [], 0, 0
     effects = effects_at(chunk_start)
     arrival = chunk_start + rng.expovariate(plan.rate_at(chunk_start, effects))
     while arrival < chunk_end:
@@ -357,13 +402,25 @@ def draw_chunk(plan, chunk_start):
             if with_lines:
                 payment = payment_api.Payment("", request, "history", processing_time, status, completed)
                 lines.append(payment_line(payment, instance))
-                if len(lines) == INFLUXDB_BATCH_SIZE:
-                    bodies.append("\n".join(lines))
-                    lines = []
+            refund = status == 200 and refund_draws.refund_of(request, completed)
+            if refund and refund[0] <= end:
+                refunds += 1
+                refunded_at, refund_amount = refund
+                refund_buckets, refund_sum = refund_slots[request.currency]
+                index = -int((first_sample - refunded_at) // step)
+                row = rows.get(index) or rows.setdefault(index, [0] * width)
+                row[refund_buckets + find_bucket(AMOUNT_BUCKETS, float(refund_amount))] += 1
+                row[refund_sum] += float(refund_amount)
+                if with_lines:
+                    lines.append(refund_line(payment_api.Refund("", "", refund_amount, request.currency, "history",
+                                                                refunded_at), payment, instance))
+            if len(lines) >= INFLUXDB_BATCH_SIZE:
+                bodies.append("\n".join(lines))
+                lines = []
         arrival += rng.expovariate(plan.rate_at(arrival, effects))
     if lines:
         bodies.append("\n".join(lines))
-    return rows, bodies, payments
+    return rows, bodies, payments, refunds
 
 
 def chunks_in_order(plan, pool, jobs):
@@ -421,8 +478,9 @@ class OpenMetricsWriter:
     def describe_families(settings):
         """{family: (type, help)} read from the live service's own registry, so names and help cannot drift."""
         metrics = live_metrics(settings)
-        wanted = ("payment_requests", "payment_amount", "payment_duration_seconds", "payment_daily_revenue",
-                  "payment_failure_rate", "active_payments", "payment_scenario_active", "payment_simulation_rate")
+        wanted = ("payment_requests", "payment_amount", "payment_duration_seconds", "payment_refunds",
+                  "payment_refund_amount", "payment_daily_revenue", "payment_failure_rate", "active_payments",
+                  "payment_scenario_active", "payment_simulation_rate")
         families = {family.name: (family.type, family.documentation) for family in metrics.registry.collect()
                     if family.name in wanted}
         families["up"] = ("gauge", "1 when the last scrape of the target succeeded (the history was always up)")
@@ -453,6 +511,12 @@ class OpenMetricsWriter:
             series["payment_duration_seconds"] += self.histogram_series(
                 prefix, "payment_duration_seconds", {"status": label}, DURATION_BUCKETS,
                 layout.duration_slot(outcome, 0), layout.duration_sums + outcome)
+        for currency in currencies:  # the live amounts of a currency appear with its first refund; these at once
+            series["payment_refunds"].append((prefix("payment_refunds_total", currency=currency),
+                                              layout.refund_slot(currency, len(AMOUNT_BUCKETS))))
+            series["payment_refund_amount"] += self.histogram_series(
+                prefix, "payment_refund_amount", {"currency": currency}, AMOUNT_BUCKETS,
+                layout.refund_slot(currency, 0), layout.refund_sum_slot(currency))
         series["payment_daily_revenue"] = [(prefix("payment_daily_revenue", currency=currency), layout.revenue + number)
                                            for number, currency in enumerate(currencies)]
         series["payment_failure_rate"] = [(prefix("payment_failure_rate"), self.extra["failure_rate"])]
@@ -704,21 +768,22 @@ def run(plan, options):
         pool = multiprocessing.get_context("fork").Pool(options.jobs, initializer=signal.signal,
                                                         initargs=(signal.SIGTERM, signal.SIG_DFL))
     writer = influx = None
-    payments, waiting_rows, next_sample = 0, {}, 0
+    payments, refunds, waiting_rows, next_sample = 0, 0, {}, 0
     try:  # the workers are forked above, before influxdb-client starts its threads
         writer = OpenMetricsWriter(options.openmetrics, plan, target_labels) if options.openmetrics else None
         influx = InfluxWriter(plan.settings) if options.influxdb else None
         times = plan.sample_times()
         empty = [0] * RowLayout(plan.settings.currencies, plan.outcome_of_status).width
-        for chunk_start, (rows, bodies, count) in chunks_in_order(plan, pool, options.jobs):
-            payments += count
+        for chunk_start, (rows, bodies, chunk_payments, chunk_refunds) in chunks_in_order(plan, pool, options.jobs):
+            payments += chunk_payments
+            refunds += chunk_refunds
             for body in bodies:
                 influx.write(body)
             if writer:
                 for index, row in rows.items():
                     known = waiting_rows.get(index)
                     waiting_rows[index] = row if known is None else [a + b for a, b in zip(known, row)]
-                final_before = chunk_start + plan.chunk_seconds  # later chunks only add later completions
+                final_before = chunk_start + plan.chunk_seconds  # later chunks only add later completions and refunds
                 while next_sample < len(times) and times[next_sample] < final_before:
                     writer.add_sample(times[next_sample], waiting_rows.pop(next_sample, empty))
                     next_sample += 1
@@ -735,7 +800,7 @@ def run(plan, options):
             print(f"InfluxDB {plan.settings.influxdb_url} bucket {plan.settings.influxdb_bucket}: "
                   f"{influx.written} points written, {influx.not_written} not written"
                   + (f" (first error: {influx.first_error})" if influx.first_error else ""), flush=True)
-        print(f"{payments} payments in {time.monotonic() - started:.1f} s", flush=True)
+        print(f"{payments} payments and {refunds} refunds in {time.monotonic() - started:.1f} s", flush=True)
         return 1 if influx and influx.not_written else 0
     finally:
         if pool:

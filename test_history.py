@@ -7,6 +7,7 @@ queries. The end is a fixed past time, so every run checks the same history.
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -55,6 +56,12 @@ def create_blocks(openmetrics, data_dir):
                              str(openmetrics), str(data_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def counted(output):
+    """(payments, refunds) of the backfill's closing line."""
+    match = re.search(r"^(\d+) payments and (\d+) refunds in", output, re.MULTILINE)
+    return int(match[1]), int(match[2])
 
 
 def listed_incidents(output):
@@ -136,7 +143,8 @@ def test_every_live_metric_has_its_live_name_type_and_labels(day):
                 live_samples.setdefault(sample.name, set()).add(frozenset(sample.labels))
     wanted = ("payment_requests_total", "payment_amount_bucket", "payment_amount_sum", "payment_amount_count",
               "payment_duration_seconds_bucket", "payment_duration_seconds_sum", "payment_duration_seconds_count",
-              "payment_daily_revenue", "payment_failure_rate", "active_payments", "payment_scenario_active",
+              "payment_refunds_total", "payment_refund_amount_bucket", "payment_refund_amount_sum",
+              "payment_refund_amount_count", "payment_daily_revenue", "payment_failure_rate", "active_payments", "payment_scenario_active",
               "payment_simulation_rate")
     target = {"job", "instance", "service", "environment"}
     for name in wanted:
@@ -149,7 +157,8 @@ def test_every_live_metric_has_its_live_name_type_and_labels(day):
 
 
 def test_counters_only_rise_over_the_whole_day(day):
-    for name in ("payment_requests_total", "payment_amount_count", "payment_duration_seconds_bucket"):
+    for name in ("payment_requests_total", "payment_amount_count", "payment_duration_seconds_bucket",
+                 "payment_refunds_total", "payment_refund_amount_bucket"):
         drops = day.prometheus.at(f"sum(resets({name}[1d]))", END_SECONDS)
         assert float(drops[0]["value"][1]) == 0, name
     samples = day.prometheus.at("count_over_time(up[1d])", END_SECONDS)
@@ -245,24 +254,44 @@ def test_no_incidents_means_no_scenario_and_no_incident_line(tmp_path):
 # ---------------------------------------------------------------- InfluxDB: the same payments
 
 
-def test_influxdb_holds_as_many_points_per_day_and_currency_as_prometheus_counted(day):
-    payments = int(re.search(r"^(\d+) payments in", day.output, re.MULTILINE)[1])
-    assert f"{payments} points written, 0 not written" in day.output
+def test_influxdb_gets_one_point_a_payment_and_one_a_refund(day):
+    payments, refunds = counted(day.output)
+    assert f"{payments + refunds} points written, 0 not written" in day.output
+
+
+def test_refunds_are_the_live_share_of_completed_payments(day):
+    refunds = "sum(increase(payment_refunds_total[1d]))"
+    completed = 'sum(increase(payment_requests_total{status="200"}[1d]))'
+    share = float(day.prometheus.at(f"{refunds} / {completed}", END_SECONDS)[0]["value"][1])
+    assert abs(share - payment_api.REFUND_SHARE) < 0.1 * payment_api.REFUND_SHARE, share
+
+
+@pytest.mark.parametrize("counter, measurement", [("payment_requests_total", "payment_amount"),
+                                                  ("payment_refunds_total", "refund_amount")])
+def test_influxdb_holds_as_many_points_per_day_and_currency_as_prometheus_counted(day, counter, measurement):
     urllib.request.urlopen(day.victoria_metrics.url + "/internal/force_flush", timeout=10).read()
     for first, last in ((START_SECONDS, MIDNIGHT), (MIDNIGHT, END_SECONDS)):
-        totals = "sum by (currency) (payment_requests_total)"
+        totals = f"sum by (currency) ({counter})"
         at_last, at_first = day.prometheus.by("currency", totals, last), day.prometheus.by("currency", totals, first)
         counted = {currency: at_last[currency] - at_first.get(currency, 0) for currency in at_last}
         url = day.victoria_metrics.url + "/api/v1/query?" + urllib.parse.urlencode({
-            "query": f"sum by (currency) (count_over_time(payment_amount[{last - first}s]))", "time": last,
+            "query": f"sum by (currency) (count_over_time({measurement}[{last - first}s]))", "time": last,
             "nocache": 1})
         with urllib.request.urlopen(url, timeout=10) as response:
             rows = json.load(response)["data"]["result"]
         points = {row["metric"]["currency"]: float(row["value"][1]) for row in rows}
-        assert points == counted, (history.iso(first), history.iso(last))
-        increase = day.prometheus.by(
-            "currency", f"sum by (currency) (increase(payment_requests_total[{last - first}s]))", last)
+        assert points == counted and min(counted.values()) > 100, (history.iso(first), history.iso(last), counted)
+        increase = day.prometheus.by("currency", f"sum by (currency) (increase({counter}[{last - first}s]))", last)
         assert all(abs(increase[c] - counted[c]) <= 0.01 * counted[c] for c in counted), (increase, counted)
+
+
+def point(line):
+    """((measurement, tag names, field names), {tag: value}, {field: number}, seconds) of a line-protocol point."""
+    series, fields, timestamp = line.split(" ")
+    measurement, *tags = series.split(",")
+    tags = dict(tag.split("=") for tag in tags)
+    fields = {name: float(value) for name, value in (field.split("=") for field in fields.split(","))}
+    return (measurement, tuple(tags), tuple(fields)), tags, fields, int(timestamp) / 1e9
 
 
 def test_points_are_written_like_the_live_export_and_a_second_run_writes_the_same_points(tmp_path):
@@ -273,14 +302,28 @@ def test_points_are_written_like_the_live_export_and_a_second_run_writes_the_sam
                                                                          "INSTANCE": "replica-1"})
         runs.append(influxdb.lines())
     assert runs[0] == runs[1] and len(runs[0]) > 100
-    for line in runs[0]:
-        series, fields, timestamp = line.split(" ")
-        measurement, *tags = series.split(",")
-        assert measurement == "payment"
-        assert [tag.split("=")[0] for tag in tags] == ["currency", "customer_id", "instance", "payment_type", "status"]
-        assert "instance=replica-1" in tags
-        assert [field.split("=")[0] for field in fields.split(",")] == ["amount", "processing_time"]
-        assert END_SECONDS - 900 <= int(timestamp) / 1e9 <= END_SECONDS
+    request = payment_api.draw_request(random.Random(0), ("USD",))
+    payment = payment_api.Payment("pay_1", request, "simulator", 0.1, 200, END_SECONDS - 900)
+    refund = payment_api.Refund("re_1", "pay_1", request.amount, "USD", "simulator", END_SECONDS - 600)
+    live_shapes = {point(payment_api.payment_line(payment, "replica-1"))[0],
+                   point(payment_api.refund_line(refund, payment, "replica-1"))[0]}
+    points = [point(line) for line in runs[0]]
+    assert {shape for shape, _, _, _ in points} == live_shapes
+    for _, tags, _, timestamp in points:
+        assert tags["instance"] == "replica-1" and END_SECONDS - 900 <= timestamp <= END_SECONDS
+    completed = [(tags, fields, timestamp) for (measurement, *_), tags, fields, timestamp in points
+                 if measurement == "payment" and tags["status"] == "success"]
+    refunds = [(tags, fields, timestamp) for (measurement, *_), tags, fields, timestamp in points
+               if measurement == "refund"]
+    assert len(refunds) > 0.005 * len(completed), (len(refunds), len(completed))
+    full = 0
+    for tags, fields, timestamp in refunds:  # each refunds part or all of a payment completed minutes before
+        paid = [paid_fields["amount"] for paid_tags, paid_fields, completed_at in completed
+                if tags.items() <= paid_tags.items() and fields["amount"] <= paid_fields["amount"]
+                and payment_api.REFUND_AFTER[0] <= timestamp - completed_at <= payment_api.REFUND_AFTER[1]]
+        assert paid, (tags, fields, timestamp)
+        full += fields["amount"] in paid
+    assert 0 < full < len(refunds)  # full and partial refunds alike
 
 
 def test_influxdb_unreachable_for_a_while_is_retried_and_nothing_is_lost(tmp_path):
@@ -333,7 +376,7 @@ def test_points_influxdb_rejects_are_counted_and_the_command_fails():
         thread.join()
     assert result.returncode == 1, result.stdout + result.stderr
     not_written = int(re.search(r"0 points written, (\d+) not written", result.stdout)[1])
-    assert not_written == int(re.search(r"^(\d+) payments in", result.stdout, re.MULTILINE)[1]) > 0
+    assert not_written == sum(counted(result.stdout)) > 0
     assert "rejected by the test" in result.stdout
 
 def test_influxdb_down_for_good_costs_one_batch_of_retries_then_everything_is_counted(monkeypatch, capsys):
@@ -342,9 +385,9 @@ def test_influxdb_down_for_good_costs_one_batch_of_retries_then_everything_is_co
     monkeypatch.setenv("INFLUXDB_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     assert history.main(["--days", "0.02", "--end", END, "--rate", "20", "--jobs", "1", "--influxdb"]) == 1
     output = capsys.readouterr().out
-    payments = int(re.search(r"^(\d+) payments in", output, re.MULTILINE)[1])
+    payments, refunds = counted(output)
     assert "retrying as the live export does" in output
-    assert f"0 points written, {payments} not written (first error: " in output and payments > 10_000
+    assert f"0 points written, {payments + refunds} not written (first error: " in output and payments > 10_000
 
 
 # ---------------------------------------------------------------- the file: same seed, same bytes; atomic; flat
@@ -358,6 +401,7 @@ def test_the_same_seed_gives_byte_identical_files_whatever_the_number_of_workers
     assert (tmp_path / "one.om").read_bytes() == (tmp_path / "two.om").read_bytes()
     assert (tmp_path / "other.om").read_bytes() != (tmp_path / "one.om").read_bytes()
     assert (tmp_path / "one.om").read_text().endswith("# EOF\n")
+    assert re.search(r"^payment_refunds_total\{.*\} [1-9]", (tmp_path / "one.om").read_text(), re.MULTILINE)
 
 
 def test_an_interrupted_run_leaves_no_file_behind(tmp_path):
