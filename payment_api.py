@@ -784,6 +784,8 @@ class PaymentMetrics:
             self.duration.labels(outcome)
         for currency in currencies:
             self.refunds.labels(currency)
+        for result in ("replayed", "in_progress", "mismatch"):
+            self.idempotency.labels(result)
 
     def record_payment(self, payment):
         request = payment.request
