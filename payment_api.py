@@ -67,11 +67,14 @@ def number(kind, low, high=math.inf):
     return parse
 
 
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                 "off": False}
+
+
 def parse_bool(text):
-    words = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-    if text.strip().lower() not in words:
+    if text.strip().lower() not in BOOLEAN_WORDS:
         raise ValueError("must be true or false")
-    return words[text.strip().lower()]
+    return BOOLEAN_WORDS[text.strip().lower()]
 
 
 PROFILES = ("steady", "diurnal", "bursty")  # traffic shapes, see the simulator
@@ -235,6 +238,7 @@ PAYMENT_STATUSES = ("completed", "declined", "failed")  # a payment's status in 
 # Well-known test card numbers that a card network declines, with the reason; any other valid number is charged
 TEST_CARDS = {"4000000000000002": "generic_decline", "4000000000009995": "insufficient_funds",
               "4000000000000069": "expired_card", "4100000000000019": "suspected_fraud"}
+CARD_NUMBER = re.compile(r"[0-9]{12,19}")  # and a valid Luhn check digit
 DECLINE_WEIGHTS = {"insufficient_funds": 45, "generic_decline": 30, "expired_card": 15, "suspected_fraud": 10}
 INVALID = "invalid"  # the one label value that stands for anything a client invents
 MAX_AMOUNT = Decimal("1000000")
@@ -331,11 +335,12 @@ class PaymentRequest:
 
 
 def known_currency(value, currencies):
-    return value.upper() if isinstance(value, str) and value.upper() in currencies else None
+    """The currency named, in any (ASCII) case, or None."""
+    return value.upper() if isinstance(value, str) and value.isascii() and value.upper() in currencies else None
 
 
 def known_type(value):
-    return value.lower() if isinstance(value, str) and value.lower() in PAYMENT_TYPES else None
+    return value.lower() if isinstance(value, str) and value.isascii() and value.lower() in PAYMENT_TYPES else None
 
 
 def validate_amount(amount):
@@ -368,7 +373,7 @@ def validate_card(document, method):
         return None, None
     if method != "card":
         raise InvalidField("cardNumber", "cardNumber goes with paymentMethod card only")
-    if not (isinstance(number, str) and re.fullmatch(r"[0-9]{12,19}", number) and luhn_valid(number)):
+    if not (isinstance(number, str) and CARD_NUMBER.fullmatch(number) and luhn_valid(number)):
         raise InvalidField("cardNumber", "cardNumber must be 12-19 digits with a valid check digit (Luhn)")
     return number[-4:], TEST_CARDS.get(number)
 
@@ -1082,6 +1087,7 @@ SCENARIOS = {
     "decline_wave": ("a card network problem: 30 % of card payments are declined (402), errors stay normal",
                      Effects(decline_rate=0.30)),
 }
+MAX_SCENARIO_SECONDS = 86400  # the longest duration a scenario can be started with
 DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h)")
 
 
@@ -1217,7 +1223,8 @@ TYPE_WEIGHTS = (70, 20, 10)  # standard, express, recurring
 METHOD_WEIGHTS = (75, 15, 10)  # card, bank_transfer, wallet
 REFUND_SHARE = 0.02  # of completed simulated payments, refunded REFUND_AFTER (1 to 10 minutes) later
 REFUND_AFTER = (60.0, 600.0)
-FULL_REFUND_SHARE = 0.7  # the others return part of the amount
+FULL_REFUND_SHARE = 0.7  # the others return part of the amount:
+PARTIAL_REFUND = (0.1, 0.9)  # 10 to 90 % of it, at least 0.01
 AMOUNT_BANDS = ((0.75, 10, 200), (0.20, 200, 1000), (0.05, 1000, 6000))  # share, low, high (log-uniform)
 TYPE_CUMULATIVE = tuple(itertools.accumulate(TYPE_WEIGHTS))
 METHOD_CUMULATIVE = tuple(itertools.accumulate(METHOD_WEIGHTS))
@@ -1253,6 +1260,18 @@ def pick(rng, population, cumulative_weights):
     """One weighted pick: what rng.choices(population, cum_weights=...)[0] draws, without building a list
     (a history of millions of payments spends most of its time here)."""
     return population[bisect.bisect(cumulative_weights, rng.random() * cumulative_weights[-1], 0, len(population) - 1)]
+
+
+def draw_refund(rng, amount):
+    """(seconds after completion, amount or None for all of it) of the refund the simulator makes of a completed
+    payment of `amount`, or None: the simulator's (and the history's) refunds."""
+    if rng.random() >= REFUND_SHARE:
+        return None
+    refund_amount = None
+    if rng.random() > FULL_REFUND_SHARE:
+        part = Decimal(f"{float(amount) * rng.uniform(*PARTIAL_REFUND):.2f}")
+        refund_amount = max(part, Decimal("0.01"))
+    return rng.uniform(*REFUND_AFTER), refund_amount
 
 
 @functools.lru_cache(maxsize=8)
@@ -1328,13 +1347,10 @@ class Simulator:
         while self._in_flight and self._in_flight[0][0] <= now:
             completed_at, sequence, payment = heapq.heappop(self._in_flight)
             self.processor.finish(payment)
-            if payment.succeeded and self._rng.random() < REFUND_SHARE:
-                amount = None
-                if self._rng.random() > FULL_REFUND_SHARE:
-                    part = Decimal(f"{float(payment.request.amount) * self._rng.uniform(0.1, 0.9):.2f}")
-                    amount = max(part, Decimal("0.01"))
-                due_at = completed_at + self._rng.uniform(*REFUND_AFTER)
-                heapq.heappush(self._refunds_due, (due_at, sequence, payment.payment_id, amount))
+            refund = payment.succeeded and draw_refund(self._rng, payment.request.amount)
+            if refund:
+                delay, amount = refund
+                heapq.heappush(self._refunds_due, (completed_at + delay, sequence, payment.payment_id, amount))
 
     def _refund_until(self, now):
         while self._refunds_due and self._refunds_due[0][0] <= now:
@@ -1484,20 +1500,24 @@ class PaymentHandler(BaseHTTPRequestHandler):
             raise AmbiguousFraming("a header line is malformed")
 
     def find_route(self, method, path):
-        """The handler method and path parameters; 404 for an unknown path, 405 (with Allow) for a wrong method."""
+        """The handler method and path parameters; 404 for an unknown path, 405 (with Allow) for a wrong method.
+
+        A path that is a route of its own (/api/scenarios/history) is never the parameter of another route."""
+        matches = [(route, match) for route in self.ROUTES if (match := route[1].match(path))]
+        literal = [(route, match) for route, match in matches if not match.groupdict()]
         allowed = []
-        for route_method, pattern, name, needs_admin in self.ROUTES:
-            match = pattern.match(path)
-            if match and route_method == method:
+        for (route_method, _, name, needs_admin), match in literal or matches:
+            if route_method == method:
                 if needs_admin:
                     self.check_admin_token()
                 return getattr(self, name), match.groupdict()
-            if match and route_method not in allowed:
+            if route_method not in allowed:
                 allowed.append(route_method)
         if not allowed:
             raise NotFound(f"no such path: {path[:ECHO_LIMIT]}")
         allowed += ["HEAD"] * ("GET" in allowed)
-        error = MethodNotAllowed(f"{self.command} is not allowed on {path[:ECHO_LIMIT]}", allowed=allowed)
+        error = MethodNotAllowed(f"{self.command[:ECHO_LIMIT]} is not allowed on {path[:ECHO_LIMIT]}",
+                                 allowed=allowed)
         error.headers["Allow"] = ", ".join(allowed)
         raise error
 
@@ -1616,7 +1636,8 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.answer_once(document, process)
 
     def create_refund(self, payment_id):
-        document = self.read_json(required=False) or {}
+        document = self.read_json(required=False)
+        document = {} if document is None else document  # no body, or null: refund all that remains
         if not isinstance(document, dict):
             raise MalformedBody("body must be a JSON object")
         amount = None if document.get("amount") is None else validate_amount(document["amount"])
@@ -1762,12 +1783,14 @@ class PaymentHandler(BaseHTTPRequestHandler):
 
     def start_scenario(self, name):
         self.known_scenario(name)
-        body = self.read_json(required=False) or {}
+        body = self.read_json(required=False)
+        body = {} if body is None else body  # no body, or null: run until stopped
         if not isinstance(body, dict):
             raise MalformedBody("body must be a JSON object")
         duration = body.get("duration")
-        if duration is not None and not (is_number(duration) and 0 < duration <= 86400):
-            raise InvalidField("duration", "duration must be seconds, greater than 0 and at most 86400")
+        if duration is not None and not (is_number(duration) and 0 < duration <= MAX_SCENARIO_SECONDS):
+            raise InvalidField("duration", f"duration must be seconds, greater than 0 and at most "
+                               f"{MAX_SCENARIO_SECONDS}")
         self.send_json(200, self.server.app.scenarios.start(name, float(duration) if duration else None))
 
     def stop_scenario(self, name):

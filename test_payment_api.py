@@ -347,7 +347,7 @@ def test_stats_report_outcomes_rates_and_todays_revenue(make_app):
 
 def test_activity_counts_the_last_minutes_second_by_second_with_the_recent_p95(make_app):
     clock = FakeClock(now=1_800_000_000.0)
-    app = make_app(clock=clock)
+    app = make_app(clock=clock, latency_scale=0)  # only the payment asking for 0.2 s takes any time
     post_payment(app, headers={"X-Simulate-Latency": "0.2"})
     clock.advance(1)
     post_payment(app, headers={"X-Simulate-Failure": "true"})
@@ -621,6 +621,20 @@ def test_scenarios_are_listed_started_and_stopped(app):
     _, _, history = http("GET", app.url + "/api/scenarios/history")
     assert [(h["scenario"], h["startedBy"], h["stoppedBy"]) for h in history["history"]] == [
         ("error_spike", "api", "api")]
+
+
+def test_a_route_of_its_own_is_no_scenario_name(app):
+    status, headers, _ = http("POST", app.url + "/api/scenarios/history")
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    assert not any(scenario["active"] for scenario in http("GET", app.url + "/api/scenarios")[2]["scenarios"])
+
+
+@pytest.mark.parametrize("body", [b"false", b"0", b'""', b"[]"])
+def test_an_optional_body_must_be_an_object_or_nothing(app, body):
+    for path in ("/api/scenarios/error_spike", "/api/payments/pay_nothing/refunds"):
+        status, _, answer = http("POST", app.url + path, body)
+        assert status == 400 and answer["error"] == "body must be a JSON object"
+    assert http("POST", app.url + "/api/scenarios/error_spike", b"null")[0] == 200
 
 
 def test_scenario_with_a_duration_stops_by_itself(make_app):
