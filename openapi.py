@@ -577,10 +577,10 @@ def header_parameters():
         "IdempotencyKey": {
             "name": "Idempotency-Key", "in": "header", "required": False,
             "schema": {"type": "string", "pattern": anchored(api.IDEMPOTENCY_KEY)},
-            "description": "A repeat with the same key and body gets the first answer again "
-                           f"(kept {api.IdempotencyKeys.KEEP_SECONDS // 3600} hours, at most "
-                           f"{api.IdempotencyKeys.CAPACITY} keys); a 503 or an invalid request is not remembered.",
-            "example": "order-4711"},
+            "description": "For example an order number or a UUID, new for each payment or refund: a repeat with the "
+                           "same key and body gets the first answer again, and is not charged twice (kept "
+                           f"{api.IdempotencyKeys.KEEP_SECONDS // 3600} hours, at most {api.IdempotencyKeys.CAPACITY} "
+                           "keys); a 503 or an invalid request is not remembered."},
         "SimulateFailure": {
             "name": "X-Simulate-Failure", "in": "header", "required": False,
             "schema": {"type": "string", "pattern": optional_header(any_case(api.BOOLEAN_WORDS))},
