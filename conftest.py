@@ -66,7 +66,7 @@ def require_binary(name):
     path = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))  # a venv's bin/
     if path is None:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required under CI=true (apt-get install prometheus victoria-metrics)")
+            pytest.fail(f"{name} is required under CI=true (bash .ci/run installs it)")
         pytest.skip(f"{name} is not installed")
     return path
 
