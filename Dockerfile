@@ -20,8 +20,9 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-# The service, and its optional extra for `payment_api.py backfill` (history for 24-hour and 7-day views).
-COPY payment_api.py history.py ./
+# The service, and its optional extras: history.py (`payment_api.py backfill`), openapi.py (/openapi.json)
+# and console.html (the trainer's console at /).
+COPY payment_api.py history.py openapi.py console.html ./
 
 # A numeric UID needs no /etc/passwd entry and lets Kubernetes' runAsNonRoot verify it.
 USER 10001
