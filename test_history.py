@@ -58,7 +58,7 @@ def create_blocks(openmetrics, data_dir):
     return result
 
 
-def counted(output):
+def closing_counts(output):
     """(payments, refunds) of the backfill's closing line."""
     match = re.search(r"^(\d+) payments and (\d+) refunds in", output, re.MULTILINE)
     return int(match[1]), int(match[2])
@@ -144,8 +144,8 @@ def test_every_live_metric_has_its_live_name_type_and_labels(day):
     wanted = ("payment_requests_total", "payment_amount_bucket", "payment_amount_sum", "payment_amount_count",
               "payment_duration_seconds_bucket", "payment_duration_seconds_sum", "payment_duration_seconds_count",
               "payment_refunds_total", "payment_refund_amount_bucket", "payment_refund_amount_sum",
-              "payment_refund_amount_count", "payment_daily_revenue", "payment_failure_rate", "active_payments", "payment_scenario_active",
-              "payment_simulation_rate")
+              "payment_refund_amount_count", "payment_daily_revenue", "payment_failure_rate", "active_payments",
+              "payment_scenario_active", "payment_simulation_rate")
     target = {"job", "instance", "service", "environment"}
     for name in wanted:
         rows = day.prometheus.at(name, END_SECONDS)
@@ -255,7 +255,7 @@ def test_no_incidents_means_no_scenario_and_no_incident_line(tmp_path):
 
 
 def test_influxdb_gets_one_point_a_payment_and_one_a_refund(day):
-    payments, refunds = counted(day.output)
+    payments, refunds = closing_counts(day.output)
     assert f"{payments + refunds} points written, 0 not written" in day.output
 
 
@@ -376,7 +376,7 @@ def test_points_influxdb_rejects_are_counted_and_the_command_fails():
         thread.join()
     assert result.returncode == 1, result.stdout + result.stderr
     not_written = int(re.search(r"0 points written, (\d+) not written", result.stdout)[1])
-    assert not_written == sum(counted(result.stdout)) > 0
+    assert not_written == sum(closing_counts(result.stdout)) > 0
     assert "rejected by the test" in result.stdout
 
 def test_influxdb_down_for_good_costs_one_batch_of_retries_then_everything_is_counted(monkeypatch, capsys):
@@ -385,7 +385,7 @@ def test_influxdb_down_for_good_costs_one_batch_of_retries_then_everything_is_co
     monkeypatch.setenv("INFLUXDB_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     assert history.main(["--days", "0.02", "--end", END, "--rate", "20", "--jobs", "1", "--influxdb"]) == 1
     output = capsys.readouterr().out
-    payments, refunds = counted(output)
+    payments, refunds = closing_counts(output)
     assert "retrying as the live export does" in output
     assert f"0 points written, {payments + refunds} not written (first error: " in output and payments > 10_000
 
