@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 import urllib.request
 from collections import deque
 from dataclasses import dataclass
@@ -308,32 +307,6 @@ class RowLayout:
                 + refunds)
 
 
-class RefundDraws:
-    """Whether, when and how much the live simulator refunds of a completed payment, drawn from `rng`.
-
-    It runs the simulator's own Simulator._finish_until on this stand-in, one completed payment at a time, so the
-    shares, delays and partial amounts are the live ones without a copy of their numbers (payment_api has no
-    function that draws a refund alone).
-    """
-    processor = types.SimpleNamespace(finish=lambda payment: None)  # the history counts the payment itself
-
-    def __init__(self, rng):
-        self._rng = rng
-        self._in_flight = []
-        self._refunds_due = []
-        self._completed = payment_api.Payment("", None, "history", 0.0, 200)  # given each request in turn
-
-    def refund_of(self, request, completed_at):
-        """(due time, amount) of the refund the simulator makes of a completed payment of `request`, or None."""
-        self._completed.request = request
-        self._in_flight.append((completed_at, 0, self._completed))
-        payment_api.Simulator._finish_until(self, math.inf)
-        if not self._refunds_due:
-            return None
-        due_at, _, _, amount = self._refunds_due.pop()
-        return due_at, request.amount if amount is None else amount  # None: all that remains, here all of it
-
-
 def draw_chunk(plan, chunk_start):
     """The payments arriving in [chunk_start, chunk_start + chunk_seconds) that complete by the end, and their
     refunds that are due by the end.
@@ -344,7 +317,7 @@ def draw_chunk(plan, chunk_start):
     """
     settings, layout = plan.settings, RowLayout(plan.settings.currencies, plan.outcome_of_status)
     rng = random.Random(f"payment-api history {plan.seed} {chunk_start}")
-    refund_draws = RefundDraws(random.Random(f"payment-api refunds {plan.seed} {chunk_start}"))
+    refund_rng = random.Random(f"payment-api refunds {plan.seed} {chunk_start}")
     chunk_end = min(chunk_start + plan.chunk_seconds, plan.end)
     incidents = [incident for incident in plan.incidents
                  if incident.start < chunk_end + 1 and incident.end > chunk_start]
@@ -370,7 +343,7 @@ def draw_chunk(plan, chunk_start):
                     for currency in layout.currency}
     active, width = layout.active, layout.width
     find_bucket, draw_request, draw_outcome = bisect.bisect_left, payment_api.draw_request, payment_api.draw_outcome
-    payment_line, refund_line = payment_api.payment_line, payment_api.refund_line
+    payment_line, refund_line, draw_refund = payment_api.payment_line, payment_api.refund_line, payment_api.draw_refund
     with_lines, instance = plan.with_lines, plan.influx_instance
     rows, lines, bodies, payments, refunds = {}, [], [], 0, 0
     effects = effects_at(chunk_start)
@@ -402,10 +375,10 @@ def draw_chunk(plan, chunk_start):
             if with_lines:
                 payment = payment_api.Payment("", request, "history", processing_time, status, completed)
                 lines.append(payment_line(payment, instance))
-            refund = status == 200 and refund_draws.refund_of(request, completed)
-            if refund and refund[0] <= end:
+            refund = status == 200 and draw_refund(refund_rng, request.amount)
+            if refund and completed + refund[0] <= end:
                 refunds += 1
-                refunded_at, refund_amount = refund
+                refunded_at, refund_amount = completed + refund[0], refund[1] or request.amount
                 refund_buckets, refund_sum = refund_slots[request.currency]
                 index = -int((first_sample - refunded_at) // step)
                 row = rows.get(index) or rows.setdefault(index, [0] * width)
