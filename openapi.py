@@ -73,7 +73,7 @@ OVERFLOW_ANSWERS = {(method.decode(), path.decode()) for method, path in api.Ove
 
 def path_template(pattern):
     """('/api/payments/{payment_id}', ['payment_id']) from a route's compiled regular expression."""
-    text = pattern.pattern.removesuffix(r"\Z")
+    text = pattern.pattern.removesuffix(r"\Z").replace("\\.", ".")
     names = re.findall(r"\(\?P<(\w+)>", text)
     return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", text), names
 
