@@ -47,7 +47,7 @@ DEFAULT_INSTANCE = "localhost:8080"  # the target of prometheus.local.yml (compo
 DEFAULT_LABELS = "service=payment-api,environment=training"  # and its labels (prometheus.yml gives the same)
 CHUNK_PAYMENTS = 20_000  # payments a chunk holds at most on average: bounds each worker's memory
 INCIDENT_SLOT = 8 * 3600  # one past incident in each 8-hour slot of the UTC clock
-INCIDENT_KINDS = ("error_spike", "latency_degradation", "outage", "currency_outage")  # in turn
+INCIDENT_KINDS = ("error_spike", "latency_degradation", "outage", "currency_outage", "decline_wave")  # in turn
 INCIDENT_MINUTES = {"outage": (5, 10)}  # shortest and longest; the others run 15-30 minutes, long enough to alert
 INFLUXDB_BATCH_SIZE = 5000  # lines per write; InfluxData's recommended batch
 INFLUXDB_RETRIES = payment_api.InfluxExporter.RETRIES  # as the live export retries

@@ -687,10 +687,10 @@ class PaymentStats:
         """The last `seconds` seconds, oldest first, with the p95 processing time of the last minute."""
         with self._lock:
             now = self._clock()
-            since = now - self.WINDOW_SECONDS
-            times = sorted(time for completed_at, time in self._recent_times if completed_at > since)
+            recent_times = list(self._recent_times)
             first = int(now) - seconds + 1
             counts = [(second, self._recent.get(second, (0, 0, 0))) for second in range(first, int(now) + 1)]
+        times = sorted(time for completed_at, time in recent_times if completed_at > now - self.WINDOW_SECONDS)
         p95 = times[min(int(0.95 * len(times)), len(times) - 1)] if times else None
         return {"windowSeconds": seconds, "p95ProcessingTime": None if p95 is None else round(p95, 4),
                 "seconds": [{"time": iso_utc(second), "payments": count[0], "declined": count[2],
@@ -1477,7 +1477,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.chunked = "Transfer-Encoding" in self.headers
         self.body_unread = self.chunked or any(length != "0" for length in self.lengths)
         app, url = self.server.app, urlsplit(self.path)
-        self.query = parse_qs(url.query, keep_blank_values=True)
+        self.query = parse_qs(url.query, keep_blank_values=True) if url.query else {}
         app.track_request(+1)
         try:
             self.check_framing()

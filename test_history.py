@@ -38,7 +38,8 @@ START_SECONDS = END_SECONDS - 86400
 MIDNIGHT = END_SECONDS - 6 * 3600  # 2026-11-20T00:00:00Z, inside the history
 SEED = 7
 ALERT_OF_INCIDENT = {"error_spike": "HighPaymentErrorRate", "currency_outage": "HighPaymentErrorRate",
-                     "latency_degradation": "HighPaymentLatencyP95", "outage": "PaymentServiceUnavailable"}
+                     "latency_degradation": "HighPaymentLatencyP95", "outage": "PaymentServiceUnavailable",
+                     "decline_wave": "HighPaymentDeclineRate"}
 
 
 def backfill(*args, env=None, check=True, timeout=120):
