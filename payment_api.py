@@ -1860,6 +1860,9 @@ class Overflow:
 
     def admit(self, connection, client_address):
         self._arrived.append((connection, client_address))
+        self._wake()
+
+    def _wake(self):
         try:
             self._wake_writer.send(b"\0")
         except BlockingIOError:  # the thread has wake-ups enough pending
@@ -1914,8 +1917,10 @@ class Overflow:
                 connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                    b"Retry-After: 1\r\nConnection: close\r\n"
                                    b"Content-Length: %d\r\n\r\n%s" % (len(self.BUSY), self.BUSY))
-        except OSError:
+        except OSError:  # the client left, or reads too slowly
             pass
+        except Exception:  # never let one connection end the thread that holds all the others
+            log.exception("overflow answer failed", extra={"fields": {"client": client_address[0]}})
         self.server.shutdown_request(connection)
 
     def _close(self, connection):
@@ -1925,7 +1930,7 @@ class Overflow:
 
     def stop(self):
         self._stop_event.set()
-        self._wake_writer.send(b"\0")
+        self._wake()
         self._thread.join()
         for connection in list(self._waiting):
             self._close(connection)
