@@ -1545,8 +1545,8 @@ class PaymentHandler(BaseHTTPRequestHandler):
 
     def read_json(self, required=True):
         """The request's JSON body (None when optional and absent); 400, 408, 411, 413 or 415 when unusable."""
-        length = self.headers.get("Content-Length")
-        if "Transfer-Encoding" in self.headers or (length is None and required):
+        length = self.lengths[0] if self.lengths else None  # check_framing allowed one at most
+        if self.chunked or (length is None and required):
             raise LengthRequired("a Content-Length header is required")
         if length is None:
             return None
@@ -1570,6 +1570,15 @@ class PaymentHandler(BaseHTTPRequestHandler):
         if content_type != "application/json":
             raise UnsupportedMediaType("Content-Type must be application/json")
         return parse_json(body)
+
+    def read_object(self, required=True):
+        """The request's body as a JSON object; {} when it is optional and absent (or null); 400 for anything else."""
+        document = self.read_json(required)
+        if document is None and not required:
+            return {}
+        if not isinstance(document, dict):
+            raise MalformedBody("body must be a JSON object")
+        return document
 
     def send_json(self, status, document, headers=None):
         self.send_body(status, json.dumps(document).encode(), {"Content-Type": "application/json", **(headers or {})})
@@ -1647,17 +1656,14 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.answer_once(document, process)
 
     def create_refund(self, payment_id):
-        document = self.read_json(required=False)
-        document = {} if document is None else document  # no body, or null: refund all that remains
-        if not isinstance(document, dict):
-            raise MalformedBody("body must be a JSON object")
+        document = self.read_object(required=False)  # no body, or null: refund all that remains
         amount = None if document.get("amount") is None else validate_amount(document["amount"])
 
         def refund():
             refund, payment = self.server.app.processor.refund(payment_id, amount, "api")
-            remaining = payment.request.amount - payment.refunded
-            return 201, {**refund.to_json(), "refundedAmount": float(payment.refunded),
-                         "remainingAmount": float(remaining)}
+            refunded = payment.refunded
+            return 201, {**refund.to_json(), "refundedAmount": float(refunded),
+                         "remainingAmount": float(payment.request.amount - refunded)}
         self.answer_once(document, refund)
 
     def answer_once(self, document, process):
@@ -1768,9 +1774,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.send_json(200, dict(self.server.app.simulator.config))
 
     def put_simulation(self):
-        changes = self.read_json()
-        if not isinstance(changes, dict):
-            raise MalformedBody("body must be a JSON object")
+        changes = self.read_object()
         checks = {"enabled": (lambda v: isinstance(v, bool), "true or false"),
                   "rate": (lambda v: is_number(v) and 0 <= v <= MAX_SIMULATION_RATE,
                            f"a number from 0 to {MAX_SIMULATION_RATE:g}"),
@@ -1794,10 +1798,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
 
     def start_scenario(self, name):
         self.known_scenario(name)
-        body = self.read_json(required=False)
-        body = {} if body is None else body  # no body, or null: run until stopped
-        if not isinstance(body, dict):
-            raise MalformedBody("body must be a JSON object")
+        body = self.read_object(required=False)  # no body, or null: run until stopped
         duration = body.get("duration")
         if duration is not None and not (is_number(duration) and 0 < duration <= MAX_SCENARIO_SECONDS):
             raise InvalidField("duration", f"duration must be seconds, greater than 0 and at most "
