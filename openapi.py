@@ -13,6 +13,7 @@ from decimal import Decimal
 import payment_api as api
 
 EXAMPLE_TIME = 1_795_694_400.118  # 2026-11-26T12:00:00.118Z, the moment every example happens
+EXAMPLE_TRACE = api.TraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
 
 # ---------------------------------------------------------------- the document
 
@@ -112,6 +113,7 @@ def ref(name, kind="schemas"):
 
 
 REPLAYED = {"Idempotent-Replayed": ref("IdempotentReplayed", "headers")}
+PAYMENT_HEADERS = {**REPLAYED, "traceparent": ref("TraceParent", "headers")}
 BODY_ERRORS = {status: ref(name, "responses") for status, name in (
     ("408", "RequestTimeout"), ("411", "LengthRequired"), ("413", "PayloadTooLarge"),
     ("415", "UnsupportedMediaType"))}
@@ -164,7 +166,7 @@ def create_payment(settings):
         "description": "Processing takes a simulated time (see the README). Declines and failures are answers "
                        "about the payment, with the payment in the body.",
         "parameters": [ref(name, "parameters")
-                       for name in ("IdempotencyKey", "SimulateFailure", "SimulateLatency")],
+                       for name in ("IdempotencyKey", "TraceParent", "SimulateFailure", "SimulateLatency")],
         "requestBody": json_body(ref("PaymentRequest"), True, examples={
             "plain": {"amount": 100, "currency": settings.currencies[0]},
             "card": {"amount": 99.5, "currency": settings.currencies[-1], "type": api.PAYMENT_TYPES[1],
@@ -172,14 +174,14 @@ def create_payment(settings):
             "declined": {"amount": 25, "cardNumber": next(iter(api.TEST_CARDS)), "currency": settings.currencies[0]},
             "wallet": {"amount": 12.3, "currency": settings.currencies[0], "paymentMethod": api.PAYMENT_METHODS[-1]}}),
         "responses": {
-            "200": json_response("completed", ref("CompletedPayment"), completed, headers=REPLAYED),
-            "402": json_response("declined by the bank", ref("DeclinedPayment"), declined, headers=REPLAYED),
+            "200": json_response("completed", ref("CompletedPayment"), completed, headers=PAYMENT_HEADERS),
+            "402": json_response("declined by the bank", ref("DeclinedPayment"), declined, headers=PAYMENT_HEADERS),
             "409": error_response("a request with this Idempotency-Key is still being processed",
                                   idempotency_error("in_progress")),
             "422": error_response("this Idempotency-Key was used with another request body",
                                   idempotency_error("mismatch")),
             "500": json_response("the payment failed (PAYMENT_FAILURE_RATE, a scenario, or X-Simulate-Failure)",
-                                 ref("FailedPayment"), failed, headers=REPLAYED),
+                                 ref("FailedPayment"), failed, headers=PAYMENT_HEADERS),
             "503": json_response("refused during an `outage` scenario (not remembered for its Idempotency-Key), or "
                                  "too many connections",
                                  {"anyOf": [ref("FailedPayment"), ref("Error")]},
@@ -323,7 +325,7 @@ def example_payment(settings, http_status):
     request = api.PaymentRequest(Decimal("100.00"), settings.currencies[0], "standard", "cust_00042", "card",
                                  card_number[-4:], api.TEST_CARDS.get(card_number))
     return api.Payment("pay_6f1c0e3a9b2d4c10", request, "api", 0.1183, http_status, EXAMPLE_TIME,
-                       decline_code=request.decline_code)
+                       decline_code=request.decline_code, trace=EXAMPLE_TRACE)
 
 
 def invalid_payment_examples(settings):
@@ -467,6 +469,8 @@ def payment_schema(settings, status, required):
         "processingTime": {"type": "number", "minimum": 0, "maximum": api.MAX_PROCESSING_SECONDS,
                            "description": "seconds"},
         "source": {"enum": SOURCES},
+        "traceId": {"type": "string", "pattern": "^[0-9a-f]{32}$",
+                    "description": "the W3C trace id of the payment: in its log line, exemplars and spans"},
     }
     properties.update({
         "completed": {"refundedAmount": ANSWERED_AMOUNT,
@@ -581,6 +585,11 @@ def header_parameters():
                            "same key and body gets the first answer again, and is not charged twice (kept "
                            f"{api.IdempotencyKeys.KEEP_SECONDS // 3600} hours, at most {api.IdempotencyKeys.CAPACITY} "
                            "keys); a 503 or an invalid request is not remembered."},
+        "TraceParent": {
+            "name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"},
+            "description": "W3C Trace Context: the payment joins this trace, as a child of this span; an invalid "
+                           "value is ignored (the payment starts a trace of its own)",
+            "example": EXAMPLE_TRACE.traceparent.replace(EXAMPLE_TRACE.span_id, "b7ad6b7169203331")},
         "SimulateFailure": {
             "name": "X-Simulate-Failure", "in": "header", "required": False,
             "schema": {"type": "string", "pattern": optional_header(any_case(api.BOOLEAN_WORDS))},
@@ -607,6 +616,9 @@ def optional_header(value_pattern):
 SHARED_HEADERS = {
     "IdempotentReplayed": {"description": "true: the first answer to this Idempotency-Key, replayed",
                            "schema": {"const": "true"}},
+    "TraceParent": {"description": "W3C Trace Context naming the payment's own span (its trace id is the "
+                                   "payment's traceId)",
+                    "schema": {"type": "string", "pattern": "^00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]$"}},
     "RetryAfter": {"description": "seconds to wait before retrying", "schema": {"type": "string",
                                                                                  "pattern": "^[0-9]+$"}},
 }

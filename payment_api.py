@@ -136,6 +136,8 @@ class Settings:
     log_format: str = setting("json", "LOG_FORMAT", "json (one JSON object a line) or text", one_of("json", "text"))
     log_level: str = setting("info", "LOG_LEVEL", "debug also logs /health and /metrics requests",
                              one_of("debug", "info", "warning", "error"))
+    log_payments: bool = setting(True, "LOG_PAYMENTS", "log a 'payment' event (with its trace id) for every "
+                                 "completed payment; false for very high rates", parse_bool)
     currencies: tuple = setting(("USD", "EUR", "GBP"), "CURRENCIES", "accepted currencies, comma-separated",
                                 parse_currencies)
     store_size: int = setting(10_000, "STORE_SIZE", "how many recent payments GET /api/payments/{id} can find",
@@ -181,6 +183,8 @@ class Settings:
     influxdb_buffer_size: int = setting(50_000, "INFLUXDB_BUFFER_SIZE",
                                         "points kept while InfluxDB is unreachable; more are dropped and counted",
                                         number(int, 1), lenient=True)
+    # every OTEL_* variable, for the optional OpenTelemetry extra (tracing.py): OTEL_EXPORTER_OTLP_ENDPOINT turns it on
+    otel_environment: dict = field(default_factory=dict, compare=False, repr=False)
     warnings: tuple = field(default=(), compare=False)
 
     @classmethod
@@ -194,7 +198,9 @@ class Settings:
                    "(any user can read a process's flags with ps). Test card numbers the bank always declines: "
                    + ", ".join(f"{number} ({code})" for number, code in TEST_CARDS.items())
                    + ". 'payment_api.py backfill --help' tells how to write days of history into Prometheus "
-                   "and InfluxDB.")
+                   "and InfluxDB. Traces: OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://tempo:4318) sends each payment "
+                   "as a trace over OTLP/HTTP, with the OpenTelemetry SDK of requirements-tracing.txt installed; "
+                   "the standard OTEL_* variables apply.")
         for spec in specs:
             if spec.repr:
                 parser.add_argument(flag(spec), metavar=spec.metadata["env"], help=describe(spec))
@@ -213,7 +219,8 @@ class Settings:
                 if not spec.metadata["lenient"]:
                     raise SettingsError(f"{name}={text!r}: {error}") from None
                 warnings.append(f"{name}={text!r}: {error}; using the default {spec.default}")
-        return cls(**values, warnings=tuple(warnings))
+        otel_environment = {name: value for name, value in environ.items() if name.startswith("OTEL_")}
+        return cls(**values, otel_environment=otel_environment, warnings=tuple(warnings))
 
 
 def flag(spec):
@@ -409,9 +416,44 @@ def label_values(document, currencies):
             known_currency(document.get("currency", "USD"), currencies) or INVALID)
 
 
+# W3C Trace Context: version-trace id-parent id-flags in lowercase hex; a later version may add fields after a '-'
+TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+
+
+@dataclass(frozen=True)
+class TraceContext:
+    """Where a payment sits in a distributed trace: the ids its answer, log line, exemplars and spans share."""
+    trace_id: str  # 32 hex digits
+    span_id: str  # 16 hex digits: the payment's own span
+    parent_span_id: str = None  # the client's span, from its traceparent header; None when the payment starts a trace
+    sampled: bool = True  # the client's sampled flag: a trace it does not record is not recorded here either
+
+    @property
+    def traceparent(self):
+        """The traceparent header naming the payment's span, for the answer (and the client's next call)."""
+        return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
+
+
+def new_span_id():
+    return secrets.token_hex(8)
+
+
+def trace_context(traceparent_headers):
+    """The payment's TraceContext: a child of the client's span when it sent one valid traceparent header, else a
+    new trace. An invalid header is ignored, never an error, as the W3C recommendation asks."""
+    parent = TRACEPARENT.fullmatch(traceparent_headers[0].strip()) if len(traceparent_headers) == 1 else None
+    if parent:
+        version, trace_id, parent_span_id, flags, rest = parent.groups()
+        valid = (version != "ff" and not (version == "00" and rest)
+                 and trace_id != "0" * 32 and parent_span_id != "0" * 16)
+        if valid:
+            return TraceContext(trace_id, new_span_id(), parent_span_id, sampled=bool(int(flags, 16) & 1))
+    return TraceContext(secrets.token_hex(16), new_span_id())
+
+
 @dataclass
 class Payment:
-    """One payment from arrival to completion; the store, the metrics and InfluxDB all see this object."""
+    """One payment from arrival to completion; the store, the metrics, InfluxDB, logs and traces all see this object."""
     payment_id: str
     request: PaymentRequest
     source: str  # "api" or "simulator"
@@ -420,6 +462,8 @@ class Payment:
     completed_at: float = None
     decline_code: str = None
     refunds: list = field(default_factory=list)
+    trace: TraceContext = None
+    steps: tuple = ()  # the processing Steps, whose seconds add up to processing_time
 
     @property
     def succeeded(self):
@@ -439,6 +483,13 @@ class Payment:
     def refunded(self):
         return sum((refund.amount for refund in self.refunds), Decimal(0))
 
+    @property
+    def failure_reason(self):
+        """Why a failed (500) or refused (503) payment did not go through; None for the others."""
+        if self.http_status == 503:
+            return OUTAGE_REASON
+        return next((step.error for step in self.steps if step.error), None)
+
     def to_json(self):
         request = self.request
         body = {"success": self.succeeded, "paymentId": self.payment_id, "status": self.status,
@@ -446,6 +497,8 @@ class Payment:
                 "customerId": request.customer_id, "paymentMethod": request.method,
                 "timestamp": iso_utc(self.completed_at), "processingTime": round(self.processing_time, 4),
                 "source": self.source}
+        if self.trace:
+            body["traceId"] = self.trace.trace_id
         if request.card_last4:
             body["cardLast4"] = request.card_last4
         if self.succeeded:
@@ -458,6 +511,20 @@ class Payment:
         else:
             body["error"] = "Payment processing failed" if self.http_status == 500 else "Payment service unavailable"
         return body
+
+    def log_fields(self):
+        """The fields of its `payment` log line: what Loki filters on, and the ids that lead to its trace."""
+        request = self.request
+        fields = {"trace_id": self.trace.trace_id, "span_id": self.trace.span_id, "payment_id": self.payment_id,
+                  "status": self.status, "http_status": self.http_status, "amount": float(request.amount),
+                  "currency": request.currency, "type": request.type, "method": request.method,
+                  "customer_id": request.customer_id, "source": self.source,
+                  "processing_seconds": round(self.processing_time, 4)}
+        if self.decline_code:
+            fields["decline_code"] = self.decline_code
+        if self.failure_reason:
+            fields["reason"] = self.failure_reason
+        return fields
 
 
 @dataclass(frozen=True)
@@ -555,6 +622,7 @@ class RememberedAnswer:
     expires_at: float
     status: int = None  # None while the first request is still being processed
     body: dict = None
+    headers: dict = None
 
 
 class IdempotencyKeys:
@@ -595,10 +663,11 @@ class IdempotencyKeys:
                 del self._answers[key]
                 return
 
-    def remember(self, entry, status, body):
+    def remember(self, entry, status, body, headers):
         with self._lock:
             entry.status = status
             entry.body = body
+            entry.headers = headers
 
     def forget(self, key, entry):
         with self._lock:
@@ -793,10 +862,12 @@ class PaymentMetrics:
             self.idempotency.labels(result)
 
     def record_payment(self, payment):
+        """Count a payment; its trace id rides along as an exemplar, shown in the OpenMetrics exposition."""
         request = payment.request
-        self.requests.labels("POST", str(payment.http_status), request.type, request.currency).inc()
+        exemplar = {"trace_id": payment.trace.trace_id} if payment.trace else None
+        self.requests.labels("POST", str(payment.http_status), request.type, request.currency).inc(exemplar=exemplar)
         self.amount.labels(request.currency, payment.outcome).observe(float(request.amount))
-        self.duration.labels(payment.outcome).observe(payment.processing_time)
+        self.duration.labels(payment.outcome).observe(payment.processing_time, exemplar)
 
     def record_refund(self, refund):
         self.refunds.labels(refund.currency).inc()
@@ -813,6 +884,14 @@ class Fault:
     """Per-request fault injection a student asks for with X-Simulate-Failure / X-Simulate-Latency headers."""
     fail: bool = False
     latency: float = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of processing a payment, a span of its trace: validation, fraud_check or bank_authorization."""
+    name: str
+    seconds: float
+    error: str = None  # why it failed, on the step that failed
 
 
 MEDIAN_PROCESSING_SECONDS = {"standard": 0.12, "express": 0.06, "recurring": 0.20}
@@ -839,29 +918,68 @@ def draw_outcome(rng, request, settings, effects, fault=Fault()):
     return status, min(processing_time, MAX_PROCESSING_SECONDS)
 
 
+# Shares of a payment's usual processing time; the bank takes the rest, and all of a slowdown (a slow bank, the
+# latency_degradation scenario), so a slow trace shows where the time went
+STEP_SHARES = {"validation": 0.08, "fraud_check": 0.22}
+OUTAGE_REASON = "payment service unavailable (outage scenario)"
+
+
+def processing_steps(status, processing_time, request, effects, fault, currencies):
+    """The Steps a payment's processing time splits into (their seconds add up to it), the failing one with why."""
+    if status == 503:  # refused before any step began
+        return ()
+    usual_time = processing_time if fault.latency is not None else processing_time / effects.latency_factor
+    validation = Step("validation", usual_time * STEP_SHARES["validation"])
+    fraud_check = Step("fraud_check", usual_time * STEP_SHARES["fraud_check"])
+    error = None
+    if status == 500:
+        error = failure_reason(request, effects, fault, currencies)
+    bank_seconds = max(processing_time - validation.seconds - fraud_check.seconds, 0.0)
+    return validation, fraud_check, Step("bank_authorization", bank_seconds, error)
+
+
+def failure_reason(request, effects, fault, currencies):
+    """Why a payment failed, in the words its trace and log line give."""
+    if fault.fail:
+        return "the client asked for a failure (X-Simulate-Failure)"
+    if effects.fails_last_currency and request.currency == currencies[-1]:
+        return f"no acquirer processes {request.currency} (currency_outage scenario)"
+    if effects.failure_rate is not None:
+        return "bank gateway error (error_spike scenario)"
+    return "bank gateway error"
+
+
 class PaymentProcessor:
     """Turns a valid PaymentRequest into a Payment: the one path for API and simulated payments alike."""
 
-    def __init__(self, settings, metrics, stats, store, exporter, scenarios, clock):
+    def __init__(self, settings, metrics, stats, store, exporter, scenarios, clock, tracer=None):
         self.settings, self.metrics, self.stats, self.store = settings, metrics, stats, store
         self.exporter, self.scenarios, self._clock = exporter, scenarios, clock
+        self.tracer = tracer or DisabledTracer("")
 
-    def begin(self, request, rng, source, fault=Fault()):
-        """Decide outcome and processing time (the caller waits that long, then calls finish)."""
-        status, processing_time = draw_outcome(rng, request, self.settings, self.scenarios.effects(), fault)
+    def begin(self, request, rng, source, fault=Fault(), trace=None):
+        """Decide outcome and processing time (the caller waits that long, then calls finish); `trace` is the
+        TraceContext a client's traceparent asked for, else the payment starts a trace of its own."""
+        effects = self.scenarios.effects()
+        status, processing_time = draw_outcome(rng, request, self.settings, effects, fault)
         decline_code = None
         if status == 402:
             decline_code = request.decline_code or rng.choices(list(DECLINE_WEIGHTS), DECLINE_WEIGHTS.values())[0]
+        steps = processing_steps(status, processing_time, request, effects, fault, self.settings.currencies)
         self.stats.record_start()
         return Payment(f"pay_{secrets.token_hex(8)}", request, source, processing_time, status,
-                       decline_code=decline_code)
+                       decline_code=decline_code, trace=trace or trace_context(()), steps=steps)
 
     def finish(self, payment):
+        """Count, keep, export, log and trace a completed payment: every payment, API or simulated, comes here."""
         payment.completed_at = self._clock()
         self.metrics.record_payment(payment)
         self.stats.record(payment)
         self.store.add(payment)
         self.exporter.export(payment_line(payment, self.settings.instance))
+        if self.settings.log_payments:
+            log.info("payment", extra={"fields": payment.log_fields()})
+        self.tracer.record(payment)
         return payment
 
     def refund(self, payment_id, amount, source):
@@ -1062,6 +1180,49 @@ def make_exporter(settings, metrics):
     except ImportError:
         return DisabledExporter("the influxdb-client package is not installed")
     return InfluxExporter(settings, metrics)
+
+# ---------------------------------------------------------------- OpenTelemetry traces (optional)
+
+
+class DisabledTracer:
+    """Stands in for trace export when it is off: same interface, does nothing."""
+
+    def __init__(self, reason):
+        self.reason = reason
+
+    def record(self, payment):
+        pass
+
+    def health(self):
+        return {"state": "disabled", "reason": self.reason}
+
+    def close(self, timeout):
+        pass
+
+
+def tracing_off_reason(otel):
+    """Why traces are not exported under these OTEL_* variables, or None when they are."""
+    if not (otel.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or otel.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+        return "OTEL_EXPORTER_OTLP_ENDPOINT is not set"
+    if otel.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return "OTEL_SDK_DISABLED is true"
+    if otel.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return "OTEL_TRACES_EXPORTER is none"
+    return None
+
+
+def make_tracer(settings, metrics):
+    """Each payment a trace sent over OTLP/HTTP (tracing.py, with the OpenTelemetry SDK), when asked for."""
+    reason = tracing_off_reason(settings.otel_environment)
+    if reason:
+        return DisabledTracer(reason)
+    try:  # an optional extra, imported only when used: requirements-tracing.txt installs the SDK
+        import tracing
+    except ImportError as error:
+        log.warning("traces off: the OpenTelemetry SDK is not installed (pip install -r requirements-tracing.txt)",
+                    extra={"fields": {"error": str(error)}})
+        return DisabledTracer("the OpenTelemetry SDK is not installed")
+    return tracing.PaymentTracer(settings.otel_environment, settings.instance, metrics.registry)
 
 # ---------------------------------------------------------------- incident scenarios
 
@@ -1629,7 +1790,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.send_json(503 if app.stopping else 200, {
             "status": "DOWN" if app.stopping else "UP", "service": "payment-api", "version": VERSION,
             "timestamp": iso_utc(time.time()), "uptimeSeconds": round(time.monotonic() - app.started_at, 3),
-            "dependencies": {"influxdb": app.exporter.health()},
+            "dependencies": {"influxdb": app.exporter.health(), "tracing": app.tracer.health()},
             "simulation": dict(app.simulator.config)})
 
     def metrics(self):
@@ -1649,10 +1810,12 @@ class PaymentHandler(BaseHTTPRequestHandler):
             app.processor.reject(error, document)
             raise
 
+        trace = trace_context(self.headers.get_all("traceparent", []))
+
         def process():
-            payment = app.processor.begin(request, app.rng, "api", fault)
+            payment = app.processor.begin(request, app.rng, "api", fault, trace)
             app.abort_waits.wait(payment.processing_time)
-            return payment.http_status, app.processor.finish(payment).to_json()
+            return payment.http_status, app.processor.finish(payment).to_json(), {"traceparent": trace.traceparent}
         self.answer_once(document, process)
 
     def create_refund(self, payment_id):
@@ -1663,12 +1826,12 @@ class PaymentHandler(BaseHTTPRequestHandler):
             refund, payment = self.server.app.processor.refund(payment_id, amount, "api")
             refunded = payment.refunded
             return 201, {**refund.to_json(), "refundedAmount": float(refunded),
-                         "remainingAmount": float(payment.request.amount - refunded)}
+                         "remainingAmount": float(payment.request.amount - refunded)}, {}
         self.answer_once(document, refund)
 
     def answer_once(self, document, process):
-        """Send process()'s (status, body); with an Idempotency-Key, a repeat gets the first answer, not a second
-        payment or refund: same key and body while the first runs is 409, same key with another body is 422."""
+        """Send process()'s (status, body, headers); with an Idempotency-Key, a repeat gets the first answer, not a
+        second payment or refund: same key and body while the first runs is 409, same key with another body is 422."""
         key = self.headers.get("Idempotency-Key")
         if key is None:
             return self.send_json(*process())
@@ -1680,21 +1843,21 @@ class PaymentHandler(BaseHTTPRequestHandler):
         if result != "new":
             app.metrics.idempotency.labels(result).inc()
         if result == "replayed":
-            return self.send_json(entry.status, entry.body, {"Idempotent-Replayed": "true"})
+            return self.send_json(entry.status, entry.body, {**entry.headers, "Idempotent-Replayed": "true"})
         if result == "in_progress":
             raise Conflict("a request with this Idempotency-Key is still being processed; retry in a moment")
         if result == "mismatch":
             raise Unprocessable("this Idempotency-Key was used with another request body", field="Idempotency-Key")
         try:
-            status, body = process()
+            status, body, headers = process()
         except BaseException:
             app.idempotency.forget(key, entry)
             raise
         if status == 503:  # refused, not processed: a retry after the outage may succeed
             app.idempotency.forget(key, entry)
         else:
-            app.idempotency.remember(entry, status, body)
-        self.send_json(status, body)
+            app.idempotency.remember(entry, status, body, headers)
+        self.send_json(status, body, headers)
 
     def read_fault(self):
         """Fault injection asked for in headers: X-Simulate-Failure: true, X-Simulate-Latency: <seconds>."""
@@ -2044,8 +2207,9 @@ class PaymentApp:
         self.scenarios = ScenarioBoard(settings, clock)
         self.metrics = PaymentMetrics(settings.currencies, self.stats, self.scenarios)
         self.exporter = make_exporter(settings, self.metrics)
+        self.tracer = make_tracer(settings, self.metrics)
         self.processor = PaymentProcessor(settings, self.metrics, self.stats, self.store, self.exporter,
-                                          self.scenarios, clock)
+                                          self.scenarios, clock, self.tracer)
         self.simulator = Simulator(settings, self.processor, self.scenarios, self.metrics, monotonic)
         self.started_at = monotonic()
         self.stopping = False
@@ -2099,7 +2263,8 @@ class PaymentApp:
         self.server.shutdown_connections(socket.SHUT_RDWR)
         self.server.server_close()
         self.simulator.stop()
-        self.exporter.close(max(deadline - time.monotonic(), 0.1))
+        self.exporter.close(max(deadline - time.monotonic(), 0.1))  # the payments' points first,
+        self.tracer.close(max(deadline - time.monotonic(), 0.5))  # then traces, with the time left
 
     def __enter__(self):
         return self.start()

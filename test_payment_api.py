@@ -4,6 +4,7 @@ Run with `python -m pytest -q`. The harness (fixtures, `eventually`, servers) is
 """
 import gzip
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -712,3 +713,147 @@ def test_admin_token_guards_changes_but_not_reads(make_app):
     assert http("PUT", app.url + "/api/simulation", {"rate": 1})[0] == 401
     assert http("GET", app.url + "/api/scenarios")[0] == 200
     assert http("POST", app.url + "/api/scenarios/outage", headers={"Authorization": "Bearer trainer"})[0] == 200
+
+# ---------------------------------------------------------------- trace context, exemplars and payment logs
+
+CLIENT_TRACE_ID, CLIENT_SPAN_ID = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+
+@pytest.mark.parametrize("header, sampled", [(f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01", True),
+                                             (f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-00", False),
+                                             (f" 00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-09 ", True),
+                                             (f"cc-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01-later-fields", True)])
+def test_a_valid_traceparent_makes_the_payment_a_child_of_the_clients_span(header, sampled):
+    trace = payment_api.trace_context([header])
+    assert (trace.trace_id, trace.parent_span_id, trace.sampled) == (CLIENT_TRACE_ID, CLIENT_SPAN_ID, sampled)
+    assert trace.span_id != CLIENT_SPAN_ID and len(trace.span_id) == 16
+
+
+@pytest.mark.parametrize("headers", [
+    [f"00-{CLIENT_TRACE_ID.upper()}-{CLIENT_SPAN_ID}-01"], [f"00-{'0' * 32}-{CLIENT_SPAN_ID}-01"],
+    [f"00-{CLIENT_TRACE_ID}-{'0' * 16}-01"], [f"ff-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"],
+    [f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01-more"], [f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-1"],
+    [f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"] * 2, ["\x00garbage"], []])
+def test_an_invalid_or_absent_traceparent_starts_a_new_trace(headers):
+    trace = payment_api.trace_context(headers)
+    assert trace.trace_id != CLIENT_TRACE_ID and len(trace.trace_id) == 32 and int(trace.trace_id, 16)
+    assert trace.parent_span_id is None and trace.sampled
+
+
+def test_a_payment_answers_with_its_trace_in_header_json_store_and_listing(app):
+    status, headers, body = post_payment(app, headers={"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"})
+    assert status == 200 and body["traceId"] == CLIENT_TRACE_ID
+    version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", CLIENT_TRACE_ID, "01") and span_id != CLIENT_SPAN_ID
+    assert http("GET", app.url + "/api/payments/" + body["paymentId"])[2]["traceId"] == CLIENT_TRACE_ID
+    assert http("GET", app.url + "/api/payments")[2]["payments"][0]["traceId"] == CLIENT_TRACE_ID
+
+
+def test_a_malformed_traceparent_is_ignored_never_an_error(app):
+    status, headers, body = post_payment(app, headers={"traceparent": "00-not-a-trace-01"})
+    assert status == 200 and len(body["traceId"]) == 32
+    assert headers["traceparent"] == f"00-{body['traceId']}-{headers['traceparent'].split('-')[2]}-01"
+
+
+def test_a_replayed_answer_carries_the_first_payments_trace(app):
+    key = {"Idempotency-Key": "order-trace-1"}
+    _, first_headers, first = post_payment(app, headers=key)
+    _, replay_headers, replay = post_payment(app, headers={**key, "traceparent": f"00-{CLIENT_TRACE_ID}-"
+                                                                                 f"{CLIENT_SPAN_ID}-01"})
+    assert replay["traceId"] == first["traceId"] and replay_headers["traceparent"] == first_headers["traceparent"]
+
+
+def openmetrics_exemplars(app, metric):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+    _, _, text = http("GET", app.url + "/metrics", headers={"Accept": "application/openmetrics-text"})
+    return [sample.exemplar for family in text_string_to_metric_families(text.decode())
+            for sample in family.samples if sample.name == metric and sample.exemplar]
+
+
+def test_exemplars_carry_the_payments_trace_id_in_openmetrics_only(app):
+    _, _, body = post_payment(app, headers={"X-Simulate-Latency": "0.12"})
+    for metric in ("payment_duration_seconds_bucket", "payment_requests_total"):
+        assert [exemplar.labels for exemplar in openmetrics_exemplars(app, metric)] == [{"trace_id": body["traceId"]}]
+    assert openmetrics_exemplars(app, "payment_duration_seconds_bucket")[0].value == 0.12
+    _, _, classic = http("GET", app.url + "/metrics")
+    assert b"trace_id" not in classic
+
+
+def test_every_completed_payment_logs_one_payment_event_with_its_ids(make_app, caplog):
+    caplog.set_level("INFO", logger="payment_api")
+    app = make_app(simulation_enabled=True, simulation_rate=50.0)
+    _, headers, body = post_payment(app, {**SEED_PAYMENT, "cardNumber": "4000000000009995"},
+                                    headers={"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"})
+    lines = eventually(lambda: [record.fields for record in caplog.records if record.getMessage() == "payment"
+                                and record.fields["source"] == "simulator"] and
+                       [record.fields for record in caplog.records if record.getMessage() == "payment"])
+    mine = [fields for fields in lines if fields["payment_id"] == body["paymentId"]]
+    assert mine == [{"trace_id": CLIENT_TRACE_ID, "span_id": headers["traceparent"].split("-")[2],
+                     "payment_id": body["paymentId"], "status": "declined", "http_status": 402, "amount": 100.5,
+                     "currency": "USD", "type": "standard", "method": "card", "customer_id": "cust_12345",
+                     "source": "api", "processing_seconds": body["processingTime"],
+                     "decline_code": body["declineCode"]}]
+    assert "cardNumber" not in caplog.text and "4000000000009995" not in caplog.text
+    assert all(len(fields["trace_id"]) == 32 for fields in lines)
+
+
+def test_log_payments_false_turns_payment_lines_off(make_app, caplog):
+    caplog.set_level("INFO", logger="payment_api")
+    app = make_app(log_payments=False)
+    assert post_payment(app)[0] == 200
+    eventually(lambda: any(record.getMessage() == "request" for record in caplog.records))
+    assert not [record for record in caplog.records if record.getMessage() == "payment"]
+
+
+def test_a_payment_log_line_in_text_format_keeps_its_ids_as_plain_values():
+    payment = payment_api.Payment("pay_1", payment_api.PaymentRequest(1, "USD", "standard", "cust_00001"), "api",
+                                  0.1, 500, 0.0, trace=payment_api.trace_context(()),
+                                  steps=(payment_api.Step("bank_authorization", 0.1, "bank gateway error"),))
+    record = logging.LogRecord("payment_api", logging.INFO, "", 0, "payment", (), None)
+    record.fields = payment.log_fields()
+    line = payment_api.LogFormatter("text").format(record)
+    assert f" payment trace_id={payment.trace.trace_id} " in line and ' reason="bank gateway error"' in line
+
+
+def processing_steps(effects=payment_api.Effects(), fault=payment_api.Fault(), status=200, processing_time=0.2,
+                     currency="USD"):
+    request = payment_api.PaymentRequest(1, currency, "standard", "cust_00001")
+    return payment_api.processing_steps(status, processing_time, request, effects, fault, ("USD", "EUR", "GBP"))
+
+
+def test_processing_steps_add_up_to_the_processing_time_and_a_slowdown_lands_in_the_bank():
+    usual = processing_steps()
+    slow = processing_steps(payment_api.SCENARIOS["latency_degradation"][1], processing_time=0.8)
+    assert [step.name for step in usual] == ["validation", "fraud_check", "bank_authorization"]
+    for steps, total in ((usual, 0.2), (slow, 0.8)):
+        assert sum(step.seconds for step in steps) == pytest.approx(total, abs=1e-9)
+        assert not any(step.error for step in steps)
+    assert [step.seconds for step in slow[:2]] == pytest.approx([step.seconds for step in usual[:2]])
+    assert slow[2].seconds > 4 * usual[2].seconds
+
+
+@pytest.mark.parametrize("case, reason", [
+    ({"fault": payment_api.Fault(fail=True)}, "X-Simulate-Failure"),
+    ({"effects": payment_api.SCENARIOS["currency_outage"][1], "currency": "GBP"}, "currency_outage"),
+    ({"effects": payment_api.SCENARIOS["error_spike"][1]}, "error_spike"),
+    ({}, "bank gateway error")])
+def test_a_failure_marks_the_bank_step_with_its_reason(case, reason):
+    steps = processing_steps(status=500, **case)
+    assert [step.name for step in steps if step.error] == ["bank_authorization"] and reason in steps[2].error
+
+
+def test_an_outage_refuses_before_any_step_with_a_reason(app):
+    http("POST", app.url + "/api/scenarios/outage")
+    status, _, body = post_payment(app)
+    payment = app.store.get(body["paymentId"])
+    assert status == 503 and payment.steps == () and payment.failure_reason == payment_api.OUTAGE_REASON
+
+
+def test_traces_stay_off_without_an_otlp_endpoint_and_health_says_why(app):
+    assert http("GET", app.url + "/health")[2]["dependencies"]["tracing"] == {
+        "state": "disabled", "reason": "OTEL_EXPORTER_OTLP_ENDPOINT is not set"}
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "true", "PATH": "/bin"}
+    settings = payment_api.Settings.load([], environ)
+    assert settings.otel_environment == {key: environ[key] for key in environ if key.startswith("OTEL_")}
+    assert payment_api.tracing_off_reason(settings.otel_environment) == "OTEL_SDK_DISABLED is true"
+    assert payment_api.tracing_off_reason({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://x:4318/v1/traces"}) is None
