@@ -544,7 +544,13 @@ class Refund:
 
 
 def iso_utc(epoch_seconds):
-    return datetime.fromtimestamp(epoch_seconds, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+    """2026-11-26T12:00:00.118Z: what datetime's isoformat gives in milliseconds, in half the time (every log line
+    and every answer has one)."""
+    fraction, whole = math.modf(epoch_seconds)
+    milliseconds = round(fraction * 1_000_000) // 1000  # rounded to microseconds first, as datetime does
+    if milliseconds == 1000:
+        whole, milliseconds = whole + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{milliseconds:03d}Z"
 
 
 @dataclass(frozen=True)
@@ -1557,6 +1563,7 @@ class DeadlineReader(io.RawIOBase):
         self.connection = connection
         self.idle_timeout = idle_timeout
         self.deadline = None  # None: idle, waiting for the first byte of a request
+        self.timeout_changed = False  # the socket's timeout is no longer idle_timeout
 
     def readable(self):
         return True
@@ -1567,6 +1574,7 @@ class DeadlineReader(io.RawIOBase):
             if remaining <= 0:
                 raise TimeoutError("the request did not arrive in time")
             self.connection.settimeout(remaining)
+            self.timeout_changed = True
         count = self.raw.readinto(buffer)
         if self.deadline is None and count:
             self.deadline = time.monotonic() + HEADER_SECONDS
@@ -1578,7 +1586,9 @@ class DeadlineReader(io.RawIOBase):
     def idle(self):
         """The request is read: answers are written, and the next request awaited, with the idle timeout."""
         self.deadline = None
-        self.connection.settimeout(self.idle_timeout)
+        if self.timeout_changed:  # most requests arrive in one read and leave it as it was (a system call saved)
+            self.connection.settimeout(self.idle_timeout)
+            self.timeout_changed = False
 
     def close(self):
         self.raw.close()
