@@ -1642,7 +1642,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self.reader)
 
     def dispatch(self):
-        started, self.status = time.monotonic(), None
+        started, self.status, self.trace = time.monotonic(), None, None
         self.reader.idle()
         self.lengths = self.headers.get_all("Content-Length", [])
         self.chunked = "Transfer-Encoding" in self.headers
@@ -1666,9 +1666,11 @@ class PaymentHandler(BaseHTTPRequestHandler):
             app.track_request(-1)
         level = logging.DEBUG if url.path in ("/health", "/metrics") else logging.INFO
         if log.isEnabledFor(level):
-            log.log(level, "request", extra={"fields": {
-                "method": self.command, "path": url.path[:ECHO_LIMIT], "status": self.status,
-                "durationMs": round((time.monotonic() - started) * 1000, 2), "client": self.client_address[0]}})
+            fields = {"method": self.command, "path": url.path[:ECHO_LIMIT], "status": self.status,
+                      "durationMs": round((time.monotonic() - started) * 1000, 2), "client": self.client_address[0]}
+            if self.trace:  # a payment's request line leads to its trace, as its payment line does
+                fields["trace_id"] = self.trace.trace_id
+            log.log(level, "request", extra={"fields": fields})
 
     # every method HTTP defines gets a JSON 404 or a 405 with Allow; an unknown one keeps http.server's 501
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = dispatch
@@ -1820,9 +1822,8 @@ class PaymentHandler(BaseHTTPRequestHandler):
             app.processor.reject(error, document)
             raise
 
-        trace = trace_context(self.headers.get_all("traceparent", []))
-
         def process():
+            trace = self.trace = trace_context(self.headers.get_all("traceparent", []))
             payment = app.processor.begin(request, app.rng, "api", fault, trace)
             app.abort_waits.wait(payment.processing_time)
             return payment.http_status, app.processor.finish(payment).to_json(), {"traceparent": trace.traceparent}

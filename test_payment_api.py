@@ -857,3 +857,10 @@ def test_traces_stay_off_without_an_otlp_endpoint_and_health_says_why(app):
     assert settings.otel_environment == {key: environ[key] for key in environ if key.startswith("OTEL_")}
     assert payment_api.tracing_off_reason(settings.otel_environment) == "OTEL_SDK_DISABLED is true"
     assert payment_api.tracing_off_reason({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://x:4318/v1/traces"}) is None
+
+
+def test_the_request_log_line_of_a_payment_names_its_trace(app, caplog):
+    caplog.set_level("INFO", logger="payment_api")
+    _, _, body = post_payment(app)
+    requests = eventually(lambda: [record.fields for record in caplog.records if record.getMessage() == "request"])
+    assert requests[0]["trace_id"] == body["traceId"]
