@@ -1193,8 +1193,9 @@ def make_exporter(settings, metrics):
 class DisabledTracer:
     """Stands in for trace export when it is off: same interface, does nothing."""
 
-    def __init__(self, reason):
+    def __init__(self, reason, asked_for=False):
         self.reason = reason
+        self.asked_for = asked_for  # an OTLP endpoint is set, but traces cannot be sent: start-up says why
 
     def record(self, payment):
         pass
@@ -1224,10 +1225,9 @@ def make_tracer(settings, metrics):
         return DisabledTracer(reason)
     try:  # an optional extra, imported only when used: requirements-tracing.txt installs the SDK
         import tracing
-    except ImportError as error:
-        log.warning("traces off: the OpenTelemetry SDK is not installed (pip install -r requirements-tracing.txt)",
-                    extra={"fields": {"error": str(error)}})
-        return DisabledTracer("the OpenTelemetry SDK is not installed")
+    except ImportError:
+        return DisabledTracer("the OpenTelemetry SDK is not installed: pip install -r requirements-tracing.txt",
+                              asked_for=True)
     return tracing.PaymentTracer(settings.otel_environment, settings.instance, metrics.registry)
 
 # ---------------------------------------------------------------- incident scenarios
@@ -2256,6 +2256,8 @@ class PaymentApp:
             log.warning(warning)
         if isinstance(self.exporter, DisabledExporter):
             log.info("InfluxDB export off", extra={"fields": {"reason": self.exporter.reason}})
+        if isinstance(self.tracer, DisabledTracer) and self.tracer.asked_for:
+            log.warning("traces off", extra={"fields": {"reason": self.tracer.reason}})
         self.exporter.start()
         return self
 

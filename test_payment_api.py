@@ -864,3 +864,18 @@ def test_the_request_log_line_of_a_payment_names_its_trace(app, caplog):
     _, _, body = post_payment(app)
     requests = eventually(lambda: [record.fields for record in caplog.records if record.getMessage() == "request"])
     assert requests[0]["trace_id"] == body["traceId"]
+
+
+def test_an_otlp_endpoint_without_the_sdk_says_once_why_traces_are_off(run_service, tmp_path):
+    hidden = tmp_path / "opentelemetry"  # found before the installed SDK, as if it were not installed
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    service = run_service(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9", PYTHONPATH=str(tmp_path),
+                          INFLUXDB_URL="", SIMULATION_RATE="0")
+    assert post_payment(service)[0] == 200
+    service.send_signal(signal.SIGTERM)
+    service.wait(15)
+    events = [json.loads(line) for line in service.log_path.read_text().splitlines()]
+    warnings = [(event["level"], event["reason"]) for event in events if event["event"] == "traces off"]
+    assert warnings == [("warning", "the OpenTelemetry SDK is not installed: pip install -r requirements-tracing.txt")]
+    assert events[0]["event"].startswith("payment-api listening")
