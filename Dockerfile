@@ -15,14 +15,15 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
-# Dependencies first, so editing payment_api.py does not re-run pip.
-# Both dependencies ship pure-Python wheels: no compiler is installed, none is left behind.
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+# Dependencies first, so editing payment_api.py does not re-run pip. requirements-tracing.txt is the
+# OpenTelemetry extra: installed here, it is used only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+# Every dependency installs from a wheel (pure Python, or protobuf's prebuilt one): no compiler is needed.
+COPY requirements.txt requirements-tracing.txt ./
+RUN pip install --no-cache-dir -r requirements.txt -r requirements-tracing.txt
 
-# The service, and its optional extras: history.py (`payment_api.py backfill`), openapi.py (/openapi.json)
-# and console.html (the trainer's console at /).
-COPY payment_api.py history.py openapi.py console.html ./
+# The service, and its optional extras: history.py (`payment_api.py backfill`), openapi.py (/openapi.json),
+# tracing.py (OpenTelemetry traces) and console.html (the trainer's console at /).
+COPY payment_api.py history.py openapi.py tracing.py console.html ./
 
 # A numeric UID needs no /etc/passwd entry and lets Kubernetes' runAsNonRoot verify it.
 USER 10001
