@@ -418,6 +418,17 @@ def test_close_gives_up_on_a_hung_collector_in_time_and_counts_what_it_leaves(ma
         assert counted(tracer, "payment_trace_spans_dropped_total", reason="shutdown") == 44
 
 
+def test_an_endpoint_without_a_scheme_is_named_in_a_warning_and_its_spans_counted_as_failed(make_tracer, caplog):
+    caplog.set_level(logging.WARNING, logger="payment_api")
+    tracer = make_tracer("tempo:4318")  # a common slip: the scheme left out
+
+    tracer.record(make_payment())
+
+    assert [record for record in caplog.records if "OTEL_EXPORTER_OTLP_ENDPOINT" in record.getMessage()]
+    eventually(lambda: counted(tracer, "payment_trace_spans_dropped_total", reason="export_failed") == 4,
+               message="spans counted as failed")
+
+
 def test_record_never_raises_on_a_payment_it_cannot_trace(make_tracer, receiver):
     tracer = make_tracer(receiver.url)
     broken = make_payment()

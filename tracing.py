@@ -19,7 +19,7 @@ OTEL_BSP_MAX_EXPORT_BATCH_SIZE. Only OTLP over HTTP with protobuf is spoken.
 import logging
 import threading
 from collections import deque
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from opentelemetry import trace as trace_api
 from opentelemetry.exporter.otlp.proto.http import Compression
@@ -133,6 +133,9 @@ class PaymentTracer:
 
     def __init__(self, environment, instance, registry):
         self.endpoint = traces_endpoint(environment)
+        if urlsplit(self.endpoint).scheme not in ("http", "https"):
+            log.warning(f"{otlp_variable(environment, 'ENDPOINT')} is not an http:// or https:// URL: no span can be "
+                        "exported", extra={"fields": {"endpoint": self.endpoint}})
         self.resource = make_resource(environment, instance)
         self.sampler_name, self.sampler = make_sampler(environment)
         self.max_queue = int(positive_number(environment, "OTEL_BSP_MAX_QUEUE_SIZE", 2048))
