@@ -426,7 +426,7 @@ class TraceContext:
     trace_id: str  # 32 hex digits
     span_id: str  # 16 hex digits: the payment's own span
     parent_span_id: str = None  # the client's span, from its traceparent header; None when the payment starts a trace
-    sampled: bool = True  # the client's sampled flag: a trace it does not record is not recorded here either
+    sampled: bool = True  # whether its spans are recorded: the client's flag, or the sampler's decision with tracing on
 
     @property
     def traceparent(self):
@@ -868,9 +868,10 @@ class PaymentMetrics:
             self.idempotency.labels(result)
 
     def record_payment(self, payment):
-        """Count a payment; its trace id rides along as an exemplar, shown in the OpenMetrics exposition."""
+        """Count a payment; the trace id of a recorded (sampled) trace rides along as an exemplar, shown in the
+        OpenMetrics exposition."""
         request = payment.request
-        exemplar = {"trace_id": payment.trace.trace_id} if payment.trace else None
+        exemplar = {"trace_id": payment.trace.trace_id} if payment.trace and payment.trace.sampled else None
         self.requests.labels("POST", str(payment.http_status), request.type, request.currency).inc(exemplar=exemplar)
         self.amount.labels(request.currency, payment.outcome).observe(float(request.amount))
         self.duration.labels(payment.outcome).observe(payment.processing_time, exemplar)
@@ -973,8 +974,9 @@ class PaymentProcessor:
             decline_code = request.decline_code or rng.choices(list(DECLINE_WEIGHTS), DECLINE_WEIGHTS.values())[0]
         steps = processing_steps(status, processing_time, request, effects, fault, self.settings.currencies)
         self.stats.record_start()
+        trace = self.tracer.sample(trace or trace_context(()), source)  # whether its spans are recorded
         return Payment(f"pay_{secrets.token_hex(8)}", request, source, processing_time, status,
-                       decline_code=decline_code, trace=trace or trace_context(()), steps=steps)
+                       decline_code=decline_code, trace=trace, steps=steps)
 
     def finish(self, payment):
         """Count, keep, export, log and trace a completed payment: every payment, API or simulated, comes here."""
@@ -1196,6 +1198,9 @@ class DisabledTracer:
     def __init__(self, reason, asked_for=False):
         self.reason = reason
         self.asked_for = asked_for  # an OTLP endpoint is set, but traces cannot be sent: start-up says why
+
+    def sample(self, trace, source):
+        return trace
 
     def record(self, payment):
         pass
@@ -1823,10 +1828,12 @@ class PaymentHandler(BaseHTTPRequestHandler):
             raise
 
         def process():
-            trace = self.trace = trace_context(self.headers.get_all("traceparent", []))
-            payment = app.processor.begin(request, app.rng, "api", fault, trace)
+            payment = app.processor.begin(request, app.rng, "api", fault,
+                                          trace_context(self.headers.get_all("traceparent", [])))
+            self.trace = payment.trace
             app.abort_waits.wait(payment.processing_time)
-            return payment.http_status, app.processor.finish(payment).to_json(), {"traceparent": trace.traceparent}
+            answer = app.processor.finish(payment).to_json()
+            return payment.http_status, answer, {"traceparent": payment.trace.traceparent}
         self.answer_once(document, process)
 
     def create_refund(self, payment_id):

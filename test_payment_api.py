@@ -879,3 +879,9 @@ def test_an_otlp_endpoint_without_the_sdk_says_once_why_traces_are_off(run_servi
     warnings = [(event["level"], event["reason"]) for event in events if event["event"] == "traces off"]
     assert warnings == [("warning", "the OpenTelemetry SDK is not installed: pip install -r requirements-tracing.txt")]
     assert events[0]["event"].startswith("payment-api listening")
+
+
+def test_a_trace_the_client_does_not_record_gets_no_exemplar(app):
+    _, headers, body = post_payment(app, headers={"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-00"})
+    assert body["traceId"] == CLIENT_TRACE_ID and headers["traceparent"].endswith("-00")
+    assert openmetrics_exemplars(app, "payment_duration_seconds_bucket") == []

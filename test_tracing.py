@@ -333,10 +333,12 @@ def test_sampler_variables_and_the_clients_sampled_flag_decide_what_is_exported(
     tracer = make_tracer(receiver.url, **variables)
     payment = make_payment(parent_span_id=CLIENT_SPAN_ID if client_sampled is not None else None,
                            sampled=client_sampled is not False)
+    payment.trace = tracer.sample(payment.trace, payment.source)  # as PaymentProcessor.begin decides it
 
     tracer.record(payment)
     tracer.close(5)  # exports what is queued before it returns
 
+    assert payment.trace.sampled is exported
     assert (payment.trace.trace_id in {span.trace_id.hex() for _, span in receiver.spans()}) is exported
     assert counted(tracer, "payment_trace_spans_exported_total") == (4 if exported else 0)
 
@@ -546,6 +548,19 @@ def test_error_spike_failures_mark_the_root_span_as_an_error(make_app, receiver)
     assert root.status.code == Status.STATUS_CODE_ERROR
     assert "error_spike" in root.status.message
     assert spans["bank_authorization"].status.code == Status.STATUS_CODE_ERROR
+
+
+def test_the_answers_traceparent_says_whether_the_sampler_records_the_payment(make_app, receiver):
+    app = make_app(latency_scale=0.0, otel_environment={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+                                                        "OTEL_TRACES_SAMPLER": "traceidratio",
+                                                        "OTEL_TRACES_SAMPLER_ARG": "0.5", **FAST})
+    answers = [http("POST", app.url + "/api/payments", {"amount": 12}) for _ in range(40)]
+    flags = {answer["traceId"]: headers["traceparent"].endswith("-01") for _, headers, answer in answers}
+    assert 0 < sum(flags.values()) < len(flags)  # a ratio of 0.5 keeps some and drops some
+    recorded = {trace_id for trace_id, sampled in flags.items() if sampled}
+    exported = eventually(lambda: {span.trace_id.hex() for _, span in receiver.spans()} >= recorded
+                          and {span.trace_id.hex() for _, span in receiver.spans()}, message="recorded traces")
+    assert exported == recorded
 
 
 def post_latencies(app_url, count):

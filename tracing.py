@@ -16,6 +16,7 @@ OTEL_TRACES_SAMPLER_ARG, OTEL_EXPORTER_OTLP_ENDPOINT (gets /v1/traces appended) 
 _CERTIFICATE, _CLIENT_CERTIFICATE, _CLIENT_KEY, and OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_SCHEDULE_DELAY,
 OTEL_BSP_MAX_EXPORT_BATCH_SIZE. Only OTLP over HTTP with protobuf is spoken.
 """
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -124,6 +125,10 @@ def make_exporter(environment):
         client_key_file=otlp_setting(environment, "CLIENT_KEY") if certificate else None)
 
 
+def root_name(source):
+    return "POST /api/payments" if source == "api" else "simulated payment"
+
+
 def nanoseconds(seconds):
     return int(round(seconds * 1e9))
 
@@ -172,7 +177,7 @@ class PaymentTracer:
         """Queue a finished payment's spans if sampled; a full queue drops them (counted). Never blocks or raises."""
         try:
             spans = 1 + len(payment.steps)
-            if not self._sampled(payment):
+            if not payment.trace.sampled:
                 return
             with self._wake:
                 if not self._closing and self._queued + self._in_flight + spans <= self.max_queue:
@@ -186,19 +191,16 @@ class PaymentTracer:
             log.exception("payment could not be traced")
             self.dropped.labels("error").inc()
 
-    def _sampled(self, payment):
-        trace = payment.trace
+    def sample(self, trace, source):
+        """The trace with the sampler's decision (OTEL_TRACES_SAMPLER, and the client's sampled flag) as its sampled
+        flag: decided once, when the payment begins, so the answer's traceparent says whether its spans leave."""
         parent = None
         if trace.parent_span_id:
             flags = TraceFlags(TraceFlags.SAMPLED if trace.sampled else TraceFlags.DEFAULT)
             parent = trace_api.set_span_in_context(trace_api.NonRecordingSpan(
                 SpanContext(int(trace.trace_id, 16), int(trace.parent_span_id, 16), is_remote=True, trace_flags=flags)))
-        decision = self.sampler.should_sample(parent, int(trace.trace_id, 16), self.root_name(payment))
-        return decision.decision.is_sampled()
-
-    @staticmethod
-    def root_name(payment):
-        return "POST /api/payments" if payment.source == "api" else "simulated payment"
+        decision = self.sampler.should_sample(parent, int(trace.trace_id, 16), root_name(source))
+        return dataclasses.replace(trace, sampled=decision.decision.is_sampled())
 
     def spans(self, payment):
         """The payment's root span and one child per step, back to back from the root's start."""
@@ -224,7 +226,7 @@ class PaymentTracer:
         if payment.http_status >= 500:
             attributes["error.type"] = str(payment.http_status)
             status = Status(StatusCode.ERROR, payment.failure_reason)
-        spans = [ReadableSpan(self.root_name(payment), root, parent, self.resource, attributes,
+        spans = [ReadableSpan(root_name(payment.source), root, parent, self.resource, attributes,
                               kind=SpanKind.SERVER if payment.source == "api" else SpanKind.INTERNAL,
                               status=status, start_time=start, end_time=end, instrumentation_scope=SCOPE)]
         elapsed = 0.0
