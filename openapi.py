@@ -186,7 +186,8 @@ def create_payment(settings):
                                  "too many connections",
                                  {"anyOf": [ref("FailedPayment"), ref("Error")]},
                                  examples={"outage": refused, "busy": json.loads(api.Overflow.BUSY)},
-                                 headers={"Retry-After": ref("RetryAfter", "headers")}),
+                                 headers={"Retry-After": ref("RetryAfter", "headers"),
+                                          "traceparent": ref("TraceParent", "headers")}),
             "400": error_response("the body or a header is not valid: `field` names it",
                                   examples=invalid_payment_examples(settings)),
             **BODY_ERRORS}}

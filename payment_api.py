@@ -2263,8 +2263,9 @@ class PaymentApp:
             log.warning(warning)
         if isinstance(self.exporter, DisabledExporter):
             log.info("InfluxDB export off", extra={"fields": {"reason": self.exporter.reason}})
-        if isinstance(self.tracer, DisabledTracer) and self.tracer.asked_for:
-            log.warning("traces off", extra={"fields": {"reason": self.tracer.reason}})
+        if isinstance(self.tracer, DisabledTracer):
+            log.log(logging.WARNING if self.tracer.asked_for else logging.INFO, "traces off",
+                    extra={"fields": {"reason": self.tracer.reason}})
         self.exporter.start()
         return self
 
@@ -2335,8 +2336,10 @@ def configure_logging(settings):
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(LogFormatter(settings.log_format))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
-    # influxdb-client logs every failed batch; the exporter logs each change of InfluxDB's state once instead
-    handler.addFilter(lambda record: not record.name.startswith(("influxdb_client", "urllib3", "reactivex")))
+    # influxdb-client and OpenTelemetry log every failed batch (and OpenTelemetry a malformed header with its value,
+    # which may be an API key); the exporters log each change of their peer's state once instead
+    handler.addFilter(lambda record: not record.name.startswith(("influxdb_client", "urllib3", "reactivex",
+                                                                  "opentelemetry")))
 
 
 def main(argv=None):

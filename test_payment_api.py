@@ -849,7 +849,11 @@ def test_an_outage_refuses_before_any_step_with_a_reason(app):
     assert status == 503 and payment.steps == () and payment.failure_reason == payment_api.OUTAGE_REASON
 
 
-def test_traces_stay_off_without_an_otlp_endpoint_and_health_says_why(app):
+def test_traces_stay_off_without_an_otlp_endpoint_and_health_and_the_log_say_why(make_app, caplog):
+    caplog.set_level("INFO", logger="payment_api")
+    app = make_app()
+    assert [(record.levelname, record.fields) for record in caplog.records if record.getMessage() == "traces off"] == [
+        ("INFO", {"reason": "OTEL_EXPORTER_OTLP_ENDPOINT is not set"})]
     assert http("GET", app.url + "/health")[2]["dependencies"]["tracing"] == {
         "state": "disabled", "reason": "OTEL_EXPORTER_OTLP_ENDPOINT is not set"}
     environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "true", "PATH": "/bin"}

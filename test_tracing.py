@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import statistics
 import threading
@@ -453,6 +454,22 @@ def payment_lines(process):
     return {event["trace_id"]: event for event in events if event["event"] == "payment"}
 
 
+def test_no_secret_of_the_otlp_variables_reaches_the_log_or_health(run_service, receiver):
+    with_credentials = receiver.url.replace("http://", "http://user:s3cr3t-password@")
+    service = run_service(**service_environment(with_credentials, OTEL_EXPORTER_OTLP_HEADERS=(
+        "x-scope-orgid=training,Authorization: Bearer s3cr3t-key")))  # a colon for '=': a common slip
+    assert http("POST", service.url + "/api/payments", {"amount": 12})[0] == 200
+    health = http("GET", service.url + "/health")[2]["dependencies"]["tracing"]
+    _, headers, _ = eventually(lambda: receiver.requests and receiver.requests[0], message="spans exported")
+    assert {name.lower(): value for name, value in headers.items()}["x-scope-orgid"] == "training"
+    service.send_signal(signal.SIGTERM)
+    service.wait(15)
+    log_text = service.log_path.read_text()
+    assert "OTEL_EXPORTER_OTLP_HEADERS has an entry that is not key=value" in log_text
+    assert "s3cr3t" not in log_text + json.dumps(health)
+    assert health["endpoint"] == receiver.url + "/v1/traces"
+
+
 def test_client_traceparent_comes_back_in_the_answer_the_payment_log_line_and_the_span(run_service, receiver):
     service = run_service(**service_environment(receiver.url, PAYMENT_LATENCY_SCALE="0.1"))
     traceparent = f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"
@@ -595,5 +612,6 @@ def test_a_hung_collector_changes_no_post_latency_and_its_dropped_spans_are_coun
             (with_hung_collector, without_tracing)
         assert metric_value(traced.url, "payment_trace_spans_dropped_total", reason="queue_full") >= 320 * 4 - 100
         assert metric_value(traced.url, "payment_trace_spans_exported_total") == 0
-        assert metric_value(untraced.url, "payment_trace_spans_dropped_total") == 0
+        started = time.monotonic()
         traced.stop()  # while the hung collector still holds the export: the stop must not wait 20 s for it
+        assert time.monotonic() - started < 3

@@ -32,7 +32,6 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.util.re import parse_env_headers
 from prometheus_client import Counter, Gauge
 
 log = logging.getLogger("payment_api")
@@ -111,12 +110,34 @@ def make_sampler(environment):
     return name, samplers[name]
 
 
+def otlp_headers(environment):
+    """OTEL_EXPORTER_OTLP_[TRACES_]HEADERS as a dict: key=value pairs, comma-separated, values percent-encoded.
+    A malformed pair is left out with a warning that names the variable, never the value (it may be an API key)."""
+    variable = otlp_variable(environment, "HEADERS")
+    headers = {}
+    for pair in environment.get(variable, "").split(","):
+        key, equals, value = pair.partition("=")
+        if not pair.strip():
+            continue
+        if not equals or not key.strip():
+            log.warning(f"{variable} has an entry that is not key=value; it is left out")
+            continue
+        headers[key.strip().lower()] = unquote(value.strip())
+    return headers
+
+
+def shown(endpoint):
+    """The endpoint as logs and /health show it: without a user name or password it may carry."""
+    parts = urlsplit(endpoint)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def make_exporter(environment):
     compression = otlp_setting(environment, "COMPRESSION", "none").strip().lower()
     certificate = otlp_setting(environment, "CLIENT_CERTIFICATE")
     return OTLPSpanExporter(
         endpoint=traces_endpoint(environment),
-        headers=parse_env_headers(otlp_setting(environment, "HEADERS", ""), liberal=True),
+        headers=otlp_headers(environment),
         timeout=positive_number(environment, otlp_variable(environment, "TIMEOUT"), 10_000) / 1000,
         compression={"gzip": Compression.Gzip, "deflate": Compression.Deflate}.get(compression,
                                                                                    Compression.NoCompression),
@@ -137,7 +158,7 @@ class PaymentTracer:
     """Turns finished payments into spans and exports them in batches from a background thread."""
 
     def __init__(self, environment, instance, registry):
-        self.endpoint = traces_endpoint(environment)
+        self.endpoint = shown(traces_endpoint(environment))  # for logs and /health only
         if urlsplit(self.endpoint).scheme not in ("http", "https"):
             log.warning(f"{otlp_variable(environment, 'ENDPOINT')} is not an http:// or https:// URL: no span can be "
                         "exported", extra={"fields": {"endpoint": self.endpoint}})
@@ -248,7 +269,7 @@ class PaymentTracer:
                 if self._closed or (self._closing and not self._queue):
                     return
                 batch = []
-                while self._queue and self._in_flight < self.batch_size:
+                while self._queue and (not batch or self._in_flight + self._queue[0][1] <= self.batch_size):
                     payment, spans = self._queue.popleft()
                     batch.append(payment)
                     self._queued -= spans
