@@ -1,8 +1,9 @@
 """History on demand: days of simulated payments and refunds for Prometheus (an OpenMetrics file) and InfluxDB.
 
 Run it through the service: `python payment_api.py backfill --days 7 --openmetrics history.om --influxdb`
-(`--help` lists every option). The payments come from the simulator's own draws in payment_api.py; the file
-becomes Prometheus blocks with `promtool tsdb create-blocks-from openmetrics --max-block-duration=168h FILE DIR`.
+(`--help` lists every option). The payments come from the simulator's own draws in payment_api.py, made without
+its objects in the hot loop (millions of payments; test_history checks they stay the same draws and points); the
+file becomes Prometheus blocks with `promtool tsdb create-blocks-from openmetrics --max-block-duration=168h FILE DIR`.
 
 The history is a pure function of the seed and the time: each hour (a "chunk") draws its payments from a
 random generator seeded with the seed and the chunk's start, so separate runs for Prometheus and InfluxDB, any
@@ -34,7 +35,7 @@ from urllib.parse import urlsplit
 from prometheus_client.utils import floatToGoString
 
 import payment_api
-from payment_api import AMOUNT_BUCKETS, DURATION_BUCKETS, OUTCOME_STATUSES, PAYMENT_TYPES
+from payment_api import AMOUNT_BUCKETS, DURATION_BUCKETS, OUTCOME_STATUSES, PAYMENT_TYPES, pick
 
 PROG = "payment_api.py backfill"
 DAY = 86400
@@ -307,13 +308,43 @@ class RowLayout:
                 + refunds)
 
 
+def draw_request_fields(rng, currencies, currency_cumulative):
+    """(amount, currency, type, customer id, method): payment_api.draw_request's draws, in its order, as a plain
+    tuple. Its frozen PaymentRequest and Decimal amount cost a fifth of a history's time; round(x, 2) is the float of
+    its Decimal(f"{x:.2f}"), both rounded correctly. test_history proves both give the same requests."""
+    currency = pick(rng, currencies, currency_cumulative)
+    payment_type = pick(rng, PAYMENT_TYPES, payment_api.TYPE_CUMULATIVE)
+    _, low, high = pick(rng, payment_api.AMOUNT_BANDS, payment_api.BAND_CUMULATIVE)
+    amount = round(math.exp(rng.uniform(math.log(low), math.log(high))), 2)
+    returning = rng.random() < payment_api.RETURNING_SHARE
+    pool = payment_api.RETURNING_CUSTOMERS if returning else payment_api.CUSTOMER_POOL
+    customer_id = f"cust_{rng.randrange(1, pool + 1):05d}"
+    method = pick(rng, payment_api.PAYMENT_METHODS, payment_api.METHOD_CUMULATIVE)
+    return amount, currency, payment_type, customer_id, method
+
+
+def outcome_requests(currencies):
+    """{(currency, type, method): the PaymentRequest draw_outcome gets}: it reads only those three and the decline
+    code (None for drawn requests), so one request a combination serves every payment. Amount and customer are
+    None: if draw_outcome ever reads them, it fails here instead of drawing something else."""
+    return {(currency, payment_type, method): payment_api.PaymentRequest(None, currency, payment_type, None, method)
+            for currency in currencies for payment_type in PAYMENT_TYPES for method in payment_api.PAYMENT_METHODS}
+
+
+def point_statuses():
+    """{HTTP status: the status tag the live export gives a payment}, read from payment_api.Payment.outcome."""
+    return {int(status): payment_api.Payment("", None, "history", 0.0, int(status)).outcome
+            for status in OUTCOME_STATUSES}
+
+
 def draw_chunk(plan, chunk_start):
     """The payments arriving in [chunk_start, chunk_start + chunk_seconds) that complete by the end, and their
     refunds that are due by the end.
 
-    Returns ({sample index: what completed in that interval, laid out by RowLayout}, [InfluxDB bodies], payments,
-    refunds). Both are counted when they happen, as PaymentMetrics.record_payment and record_refund count them
-    live; a refund can fall into a sample interval of a later chunk.
+    Returns ({sample index: what completed in that interval, laid out by RowLayout}, [InfluxDB bodies as bytes],
+    payments, refunds). Both are counted when they happen, as PaymentMetrics.record_payment and record_refund count
+    them live; a refund can fall into a sample interval of a later chunk. The points are the lines
+    payment_api.payment_line and refund_line write, built here without a Payment (test_history compares them).
     """
     settings, layout = plan.settings, RowLayout(plan.settings.currencies, plan.outcome_of_status)
     rng = random.Random(f"payment-api history {plan.seed} {chunk_start}")
@@ -329,6 +360,10 @@ def draw_chunk(plan, chunk_start):
         return NO_EFFECTS
 
     first_sample, step, start, end = plan.first_sample(), plan.step, plan.start, plan.end
+    currencies = settings.currencies
+    currency_cumulative = payment_api.currency_weights(currencies)
+    requests = outcome_requests(currencies)
+    point_status = point_statuses()
     request_slots = {(int(status), payment_type, currency): layout.request_slot(int(status), payment_type, currency)
                      for status in OUTCOME_STATUSES for payment_type in PAYMENT_TYPES for currency in layout.currency}
     outcome_slots = {}  # (currency, status) -> (first amount bucket, amount sum, revenue or None)
@@ -342,8 +377,7 @@ def draw_chunk(plan, chunk_start):
     refund_slots = {currency: (layout.refund_slot(currency, 0), layout.refund_sum_slot(currency))
                     for currency in layout.currency}
     active, width = layout.active, layout.width
-    find_bucket, draw_request, draw_outcome = bisect.bisect_left, payment_api.draw_request, payment_api.draw_outcome
-    payment_line, refund_line, draw_refund = payment_api.payment_line, payment_api.refund_line, payment_api.draw_refund
+    find_bucket, draw_outcome, draw_refund = bisect.bisect_left, payment_api.draw_outcome, payment_api.draw_refund
     with_lines, instance = plan.with_lines, plan.influx_instance
     rows, lines, bodies, payments, refunds = {}, [], [], 0, 0
     effects = effects_at(chunk_start)
@@ -351,17 +385,16 @@ def draw_chunk(plan, chunk_start):
     while arrival < chunk_end:
         if incidents:
             effects = effects_at(arrival)
-        request = draw_request(rng, settings.currencies)
-        status, processing_time = draw_outcome(rng, request, settings, effects)
+        amount, currency, payment_type, customer_id, method = draw_request_fields(rng, currencies, currency_cumulative)
+        status, processing_time = draw_outcome(rng, requests[currency, payment_type, method], settings, effects)
         completed = arrival + processing_time
         if arrival >= start and completed <= end:
             payments += 1
             index = -int((first_sample - completed) // step)  # the first sample at or after completion
             row = rows.get(index) or rows.setdefault(index, [0] * width)
-            amount = float(request.amount)
-            amount_buckets, amount_sum, revenue = outcome_slots[request.currency, status]
+            amount_buckets, amount_sum, revenue = outcome_slots[currency, status]
             duration_buckets, duration_sum = duration_slots[status]
-            row[request_slots[status, request.type, request.currency]] += 1
+            row[request_slots[status, payment_type, currency]] += 1
             row[amount_buckets + find_bucket(AMOUNT_BUCKETS, amount)] += 1
             row[amount_sum] += amount
             row[duration_buckets + find_bucket(DURATION_BUCKETS, processing_time)] += 1
@@ -373,26 +406,28 @@ def draw_chunk(plan, chunk_start):
                 row[active] -= 1
                 (rows.get(started) or rows.setdefault(started, [0] * width))[active] += 1
             if with_lines:
-                payment = payment_api.Payment("", request, "history", processing_time, status, completed)
-                lines.append(payment_line(payment, instance))
-            refund = status == 200 and draw_refund(refund_rng, request.amount)
+                lines.append(f"payment,currency={currency},customer_id={customer_id},instance={instance},"
+                             f"payment_type={payment_type},status={point_status[status]} amount={amount!r},"
+                             f"processing_time={processing_time!r} {int(completed * 1e9)}")
+            refund = status == 200 and draw_refund(refund_rng, amount)
             if refund and completed + refund[0] <= end:
                 refunds += 1
-                refunded_at, refund_amount = completed + refund[0], refund[1] or request.amount
-                refund_buckets, refund_sum = refund_slots[request.currency]
+                refunded_at = completed + refund[0]
+                refund_amount = float(refund[1] or amount)
+                refund_buckets, refund_sum = refund_slots[currency]
                 index = -int((first_sample - refunded_at) // step)
                 row = rows.get(index) or rows.setdefault(index, [0] * width)
-                row[refund_buckets + find_bucket(AMOUNT_BUCKETS, float(refund_amount))] += 1
-                row[refund_sum] += float(refund_amount)
+                row[refund_buckets + find_bucket(AMOUNT_BUCKETS, refund_amount)] += 1
+                row[refund_sum] += refund_amount
                 if with_lines:
-                    lines.append(refund_line(payment_api.Refund("", "", refund_amount, request.currency, "history",
-                                                                refunded_at), payment, instance))
+                    lines.append(f"refund,currency={currency},customer_id={customer_id},instance={instance},"
+                                 f"payment_type={payment_type} amount={refund_amount!r} {int(refunded_at * 1e9)}")
             if len(lines) >= INFLUXDB_BATCH_SIZE:
-                bodies.append("\n".join(lines))
+                bodies.append("\n".join(lines).encode())
                 lines = []
         arrival += rng.expovariate(plan.rate_at(arrival, effects))
     if lines:
-        bodies.append("\n".join(lines))
+        bodies.append("\n".join(lines).encode())
     return rows, bodies, payments, refunds
 
 
@@ -600,7 +635,8 @@ class InfluxWriter:
                                                error_callback=self.failed, retry_callback=self.retrying)
 
     def write(self, body):
-        points = body.count("\n") + 1
+        """Send one body of line protocol (bytes, as the WriteApi sends it), waiting while too much is unanswered."""
+        points = body.count(b"\n") + 1
         with self.answered:
             self.answered.wait_for(lambda: self.gave_up or self.pending + points <= self.limit or not self.pending)
             if self.gave_up:

@@ -391,6 +391,63 @@ def test_influxdb_down_for_good_costs_one_batch_of_retries_then_everything_is_co
     assert f"0 points written, {payments + refunds} not written (first error: " in output and payments > 10_000
 
 
+def a_plan(currencies=("EUR", "USD", "GBP"), incidents=(), rate=5.0):
+    """A Plan for draw_chunk, as backfill makes it, for the day before END."""
+    settings = payment_api.Settings.load((), {"CURRENCIES": ",".join(currencies), "INSTANCE": "replica-1"})
+    return history.Plan(settings=settings, seed=SEED, rate=rate, profile="diurnal", start=START_SECONDS,
+                        end=END_SECONDS, step=60, chunk_seconds=history.chunk_seconds(rate, 60),
+                        incidents=tuple(incidents), influx_instance=settings.instance, with_lines=True,
+                        outcome_of_status=history.outcome_labels(settings))
+
+
+def points_as_the_live_export_writes_them(plan, chunk_start):
+    """The lines of draw_chunk's payments, drawn and written only with payment_api's own PaymentRequest, Payment,
+    Refund, payment_line and refund_line: the slow way draw_chunk must agree with."""
+    rng = random.Random(f"payment-api history {plan.seed} {chunk_start}")
+    refund_rng = random.Random(f"payment-api refunds {plan.seed} {chunk_start}")
+    chunk_end = min(chunk_start + plan.chunk_seconds, plan.end)
+    lines = []
+    arrival = chunk_start + rng.expovariate(plan.rate_at(chunk_start, plan.effects_at(chunk_start)))
+    while arrival < chunk_end:
+        effects = plan.effects_at(arrival)
+        request = payment_api.draw_request(rng, plan.settings.currencies)
+        status, processing_time = payment_api.draw_outcome(rng, request, plan.settings, effects)
+        completed = arrival + processing_time
+        if plan.start <= arrival and completed <= plan.end:
+            payment = payment_api.Payment("", request, "history", processing_time, status, completed)
+            lines.append(payment_api.payment_line(payment, plan.influx_instance))
+            refund = status == 200 and payment_api.draw_refund(refund_rng, request.amount)
+            if refund and completed + refund[0] <= plan.end:
+                made = payment_api.Refund("", "", refund[1] or request.amount, request.currency, "history",
+                                          completed + refund[0])
+                lines.append(payment_api.refund_line(made, payment, plan.influx_instance))
+        arrival += rng.expovariate(plan.rate_at(arrival, effects))
+    return lines
+
+
+@pytest.mark.parametrize("currencies", [("EUR", "USD", "GBP"), ("USD",), ("JPY", "EUR", "CHF", "USD", "GBP")])
+def test_request_fields_are_the_requests_payment_api_draws(currencies):
+    drawn, mirrored = random.Random(SEED), random.Random(SEED)
+    cumulative = payment_api.currency_weights(currencies)
+    for _ in range(20_000):
+        request = payment_api.draw_request(drawn, currencies)
+        fields = history.draw_request_fields(mirrored, currencies, cumulative)
+        assert fields == (float(request.amount), request.currency, request.type, request.customer_id,
+                          request.method)
+    assert drawn.getstate() == mirrored.getstate()
+
+
+@pytest.mark.parametrize("scenario", [None, *payment_api.SCENARIOS])
+def test_points_are_the_lines_of_the_live_export_for_the_payments_payment_api_draws(scenario):
+    plan = a_plan()
+    chunk_start = START_SECONDS + 10 * plan.chunk_seconds
+    if scenario:  # the middle of the chunk: payments before, during and after it
+        plan = a_plan(incidents=[history.Incident(scenario, chunk_start + 600, chunk_start + 1200)])
+    _, bodies, payments, refunds = history.draw_chunk(plan, chunk_start)
+    lines = b"\n".join(bodies).decode().split("\n")
+    assert lines == points_as_the_live_export_writes_them(plan, chunk_start)
+    assert len(lines) == payments + refunds and refunds > 0
+
 # ---------------------------------------------------------------- the file: same seed, same bytes; atomic; flat
 
 
