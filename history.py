@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from prometheus_client.utils import floatToGoString
 
 import payment_api
-from payment_api import AMOUNT_BUCKETS, DURATION_BUCKETS, OUTCOME_STATUSES, PAYMENT_TYPES, pick
+from payment_api import AMOUNT_BUCKETS, DURATION_BUCKETS, OUTCOME_STATUSES, PAYMENT_TYPES
 
 PROG = "payment_api.py backfill"
 DAY = 86400
@@ -308,21 +308,6 @@ class RowLayout:
                 + refunds)
 
 
-def draw_request_fields(rng, currencies, currency_cumulative):
-    """(amount, currency, type, customer id, method): payment_api.draw_request's draws, in its order, as a plain
-    tuple. Its frozen PaymentRequest and Decimal amount cost a fifth of a history's time; round(x, 2) is the float of
-    its Decimal(f"{x:.2f}"), both rounded correctly. test_history proves both give the same requests."""
-    currency = pick(rng, currencies, currency_cumulative)
-    payment_type = pick(rng, PAYMENT_TYPES, payment_api.TYPE_CUMULATIVE)
-    _, low, high = pick(rng, payment_api.AMOUNT_BANDS, payment_api.BAND_CUMULATIVE)
-    amount = round(math.exp(rng.uniform(math.log(low), math.log(high))), 2)
-    returning = rng.random() < payment_api.RETURNING_SHARE
-    pool = payment_api.RETURNING_CUSTOMERS if returning else payment_api.CUSTOMER_POOL
-    customer_id = f"cust_{rng.randrange(1, pool + 1):05d}"
-    method = pick(rng, payment_api.PAYMENT_METHODS, payment_api.METHOD_CUMULATIVE)
-    return amount, currency, payment_type, customer_id, method
-
-
 def outcome_requests(currencies):
     """{(currency, type, method): the PaymentRequest draw_outcome gets}: it reads only those three and the decline
     code (None for drawn requests), so one request a combination serves every payment. Amount and customer are
@@ -361,7 +346,6 @@ def draw_chunk(plan, chunk_start):
 
     first_sample, step, start, end = plan.first_sample(), plan.step, plan.start, plan.end
     currencies = settings.currencies
-    currency_cumulative = payment_api.currency_weights(currencies)
     requests = outcome_requests(currencies)
     point_status = point_statuses()
     request_slots = {(int(status), payment_type, currency): layout.request_slot(int(status), payment_type, currency)
@@ -378,6 +362,7 @@ def draw_chunk(plan, chunk_start):
                     for currency in layout.currency}
     active, width = layout.active, layout.width
     find_bucket, draw_outcome, draw_refund = bisect.bisect_left, payment_api.draw_outcome, payment_api.draw_refund
+    draw_request_fields = payment_api.draw_request_fields
     with_lines, instance = plan.with_lines, plan.influx_instance
     rows, lines, bodies, payments, refunds = {}, [], [], 0, 0
     effects = effects_at(chunk_start)
@@ -385,8 +370,8 @@ def draw_chunk(plan, chunk_start):
     while arrival < chunk_end:
         if incidents:
             effects = effects_at(arrival)
-        amount, currency, payment_type, customer_id, method = draw_request_fields(rng, currencies, currency_cumulative)
-        status, processing_time = draw_outcome(rng, requests[currency, payment_type, method], settings, effects)
+        amount, currency, payment_type, customer_id, method = draw_request_fields(rng, currencies)
+        status, processing_time, _ = draw_outcome(rng, requests[currency, payment_type, method], settings, effects)
         completed = arrival + processing_time
         if arrival >= start and completed <= end:
             payments += 1

@@ -908,21 +908,24 @@ MAX_PROCESSING_SECONDS = 30.0
 
 
 def draw_outcome(rng, request, settings, effects, fault=Fault()):
-    """(HTTP status, processing seconds) of one payment: log-normal time, failures as configured and by scenario."""
-    processing_time = (rng.lognormvariate(math.log(MEDIAN_PROCESSING_SECONDS[request.type]), LATENCY_SIGMA)
-                       * (SLOW_BANK_FACTOR if rng.random() < SLOW_BANK_SHARE else 1.0)
-                       * settings.latency_scale * effects.latency_factor)
+    """(HTTP status, processing seconds, usual seconds) of one payment: log-normal time, failures as configured and
+    by scenario. The usual seconds leave out a slow bank and a scenario's slowdown: the bank step takes those."""
+    usual_time = (rng.lognormvariate(math.log(MEDIAN_PROCESSING_SECONDS[request.type]), LATENCY_SIGMA)
+                  * settings.latency_scale)
+    processing_time = (usual_time * (SLOW_BANK_FACTOR if rng.random() < SLOW_BANK_SHARE else 1.0)
+                       * effects.latency_factor)
     failure_rate = settings.failure_rate if effects.failure_rate is None else effects.failure_rate
     fails = (rng.random() < failure_rate or fault.fail
              or (effects.fails_last_currency and request.currency == settings.currencies[-1]))
     decline_rate = settings.decline_rate if effects.decline_rate is None else effects.decline_rate
     declined = request.decline_code is not None or (request.method == "card" and rng.random() < decline_rate)
     if effects.outage:
-        return 503, 0.0
+        return 503, 0.0, 0.0
     if fault.latency is not None:
-        processing_time = fault.latency
+        processing_time = usual_time = fault.latency
     status = 500 if fails else 402 if declined else 200
-    return status, min(processing_time, MAX_PROCESSING_SECONDS)
+    processing_time = min(processing_time, MAX_PROCESSING_SECONDS)
+    return status, processing_time, min(usual_time, processing_time)
 
 
 # Shares of a payment's usual processing time; the bank takes the rest, and all of a slowdown (a slow bank, the
@@ -931,11 +934,10 @@ STEP_SHARES = {"validation": 0.08, "fraud_check": 0.22}
 OUTAGE_REASON = "payment service unavailable (outage scenario)"
 
 
-def processing_steps(status, processing_time, request, effects, fault, currencies):
+def processing_steps(status, processing_time, usual_time, request, effects, fault, currencies):
     """The Steps a payment's processing time splits into (their seconds add up to it), the failing one with why."""
     if status == 503:  # refused before any step began
         return ()
-    usual_time = processing_time if fault.latency is not None else processing_time / effects.latency_factor
     validation = Step("validation", usual_time * STEP_SHARES["validation"])
     fraud_check = Step("fraud_check", usual_time * STEP_SHARES["fraud_check"])
     error = None
@@ -968,11 +970,12 @@ class PaymentProcessor:
         """Decide outcome and processing time (the caller waits that long, then calls finish); `trace` is the
         TraceContext a client's traceparent asked for, else the payment starts a trace of its own."""
         effects = self.scenarios.effects()
-        status, processing_time = draw_outcome(rng, request, self.settings, effects, fault)
+        status, processing_time, usual_time = draw_outcome(rng, request, self.settings, effects, fault)
         decline_code = None
         if status == 402:
             decline_code = request.decline_code or rng.choices(list(DECLINE_WEIGHTS), DECLINE_WEIGHTS.values())[0]
-        steps = processing_steps(status, processing_time, request, effects, fault, self.settings.currencies)
+        steps = processing_steps(status, processing_time, usual_time, request, effects, fault,
+                                 self.settings.currencies)
         self.stats.record_start()
         trace = self.tracer.sample(trace or trace_context(()), source)  # whether its spans are recorded
         return Payment(f"pay_{secrets.token_hex(8)}", request, source, processing_time, status,
@@ -1418,14 +1421,21 @@ def profile_factor(profile, elapsed, period):
 
 
 def draw_request(rng, currencies):
-    """A PaymentRequest as a real shop's customers make them: the simulator's (and the history's) mix."""
+    """A PaymentRequest as a real shop's customers make them: the simulator's mix."""
+    amount, currency, payment_type, customer_id, method = draw_request_fields(rng, currencies)
+    return PaymentRequest(Decimal(f"{amount:.2f}"), currency, payment_type, customer_id, method)
+
+
+def draw_request_fields(rng, currencies):
+    """draw_request's draws as a plain tuple (amount, currency, type, customer id, method), the amount a float
+    rounded to cents: the history draws millions, and a frozen PaymentRequest with a Decimal costs a fifth of that."""
     currency = pick(rng, currencies, currency_weights(currencies))
     payment_type = pick(rng, PAYMENT_TYPES, TYPE_CUMULATIVE)
     _, low, high = pick(rng, AMOUNT_BANDS, BAND_CUMULATIVE)
-    amount = Decimal(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.2f}")
+    amount = round(math.exp(rng.uniform(math.log(low), math.log(high))), 2)
     pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
     customer_id = f"cust_{rng.randrange(1, pool + 1):05d}"
-    return PaymentRequest(amount, currency, payment_type, customer_id, pick(rng, PAYMENT_METHODS, METHOD_CUMULATIVE))
+    return amount, currency, payment_type, customer_id, pick(rng, PAYMENT_METHODS, METHOD_CUMULATIVE)
 
 
 def pick(rng, population, cumulative_weights):

@@ -411,7 +411,7 @@ def points_as_the_live_export_writes_them(plan, chunk_start):
     while arrival < chunk_end:
         effects = plan.effects_at(arrival)
         request = payment_api.draw_request(rng, plan.settings.currencies)
-        status, processing_time = payment_api.draw_outcome(rng, request, plan.settings, effects)
+        status, processing_time, _ = payment_api.draw_outcome(rng, request, plan.settings, effects)
         completed = arrival + processing_time
         if plan.start <= arrival and completed <= plan.end:
             payment = payment_api.Payment("", request, "history", processing_time, status, completed)
@@ -428,10 +428,9 @@ def points_as_the_live_export_writes_them(plan, chunk_start):
 @pytest.mark.parametrize("currencies", [("EUR", "USD", "GBP"), ("USD",), ("JPY", "EUR", "CHF", "USD", "GBP")])
 def test_request_fields_are_the_requests_payment_api_draws(currencies):
     drawn, mirrored = random.Random(SEED), random.Random(SEED)
-    cumulative = payment_api.currency_weights(currencies)
     for _ in range(20_000):
         request = payment_api.draw_request(drawn, currencies)
-        fields = history.draw_request_fields(mirrored, currencies, cumulative)
+        fields = payment_api.draw_request_fields(mirrored, currencies)
         assert fields == (float(request.amount), request.currency, request.type, request.customer_id,
                           request.method)
     assert drawn.getstate() == mirrored.getstate()

@@ -2,9 +2,11 @@
 
 Run with `python -m pytest -q`. The harness (fixtures, `eventually`, servers) is in conftest.py.
 """
+import dataclasses
 import gzip
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -815,17 +817,37 @@ def test_a_payment_log_line_in_text_format_keeps_its_ids_as_plain_values():
     assert f" payment trace_id={payment.trace.trace_id} " in line and ' reason="bank gateway error"' in line
 
 
-def processing_steps(effects=payment_api.Effects(), fault=payment_api.Fault(), status=200, processing_time=0.2,
-                     currency="USD"):
+def processing_steps(effects=payment_api.Effects(), fault=payment_api.Fault(), status=200, currency="USD",
+                     rng_draws=(0.5,)):
+    """(processing time, steps) of a standard payment drawn at the median time, its uniform draws `rng_draws`
+    (then 0.5): the first decides a slow bank."""
+    class Draws:
+        def __init__(self):
+            self.values = iter(rng_draws)
+
+        def lognormvariate(self, mu, sigma):
+            return math.exp(mu)  # the median: 0.12 s
+
+        def random(self):
+            return next(self.values, 0.5)
     request = payment_api.PaymentRequest(1, currency, "standard", "cust_00001")
-    return payment_api.processing_steps(status, processing_time, request, effects, fault, ("USD", "EUR", "GBP"))
+    settings = dataclasses.replace(payment_api.Settings(), failure_rate=0.0, decline_rate=0.0)
+    status_drawn, processing_time, usual_time = payment_api.draw_outcome(Draws(), request, settings, effects, fault)
+    steps = payment_api.processing_steps(status, processing_time, usual_time, request, effects, fault,
+                                         ("USD", "EUR", "GBP"))
+    return processing_time, steps
 
 
-def test_processing_steps_add_up_to_the_processing_time_and_a_slowdown_lands_in_the_bank():
-    usual = processing_steps()
-    slow = processing_steps(payment_api.SCENARIOS["latency_degradation"][1], processing_time=0.8)
+@pytest.mark.parametrize("slowdown", ["latency_degradation", "slow bank"])
+def test_processing_steps_add_up_to_the_processing_time_and_a_slowdown_lands_in_the_bank(slowdown):
+    usual_time, usual = processing_steps()
+    if slowdown == "slow bank":
+        slow_time, slow = processing_steps(rng_draws=(0.0,))  # the first draw, below SLOW_BANK_SHARE: a slow bank
+    else:
+        slow_time, slow = processing_steps(payment_api.SCENARIOS[slowdown][1])
     assert [step.name for step in usual] == ["validation", "fraud_check", "bank_authorization"]
-    for steps, total in ((usual, 0.2), (slow, 0.8)):
+    assert usual_time == pytest.approx(0.12) and slow_time == pytest.approx(0.48)
+    for steps, total in ((usual, usual_time), (slow, slow_time)):
         assert sum(step.seconds for step in steps) == pytest.approx(total, abs=1e-9)
         assert not any(step.error for step in steps)
     assert [step.seconds for step in slow[:2]] == pytest.approx([step.seconds for step in usual[:2]])
@@ -838,7 +860,7 @@ def test_processing_steps_add_up_to_the_processing_time_and_a_slowdown_lands_in_
     ({"effects": payment_api.SCENARIOS["error_spike"][1]}, "error_spike"),
     ({}, "bank gateway error")])
 def test_a_failure_marks_the_bank_step_with_its_reason(case, reason):
-    steps = processing_steps(status=500, **case)
+    _, steps = processing_steps(status=500, **case)
     assert [step.name for step in steps if step.error] == ["bank_authorization"] and reason in steps[2].error
 
 
