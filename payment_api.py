@@ -2243,11 +2243,12 @@ class PaymentApp:
         self.stopping = False
         self.abort_waits = threading.Event()  # set when a stop runs out of time: processing payments finish now
         self._in_progress = 0
-        self._idle = threading.Condition(threading.Lock())
+        self._counting = threading.Lock()  # taken directly for each request: cheaper than through the Condition
+        self._idle = threading.Condition(self._counting)
         self.server = self._server_thread = None
 
     def track_request(self, change):
-        with self._idle:
+        with self._counting:
             self._in_progress += change
             if self.stopping:
                 self._idle.notify_all()
