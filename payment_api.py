@@ -2,7 +2,8 @@
 
 Run it with `python payment_api.py` (settings: `python payment_api.py --help`, or the README).
 A built-in simulator makes payments from the first second; every payment, simulated or sent to
-`POST /api/payments`, is counted in the Prometheus metrics at `/metrics` and written to InfluxDB 2.
+`POST /api/payments`, is counted in the Prometheus metrics at `/metrics`, written to InfluxDB 2 and logged
+with its W3C trace id; with the OpenTelemetry extra (tracing.py) it is also sent as a trace.
 """
 import argparse
 import bisect
@@ -961,10 +962,10 @@ def failure_reason(request, effects, fault, currencies):
 class PaymentProcessor:
     """Turns a valid PaymentRequest into a Payment: the one path for API and simulated payments alike."""
 
-    def __init__(self, settings, metrics, stats, store, exporter, scenarios, clock, tracer=None):
+    def __init__(self, settings, metrics, stats, store, exporter, scenarios, clock, tracer):
         self.settings, self.metrics, self.stats, self.store = settings, metrics, stats, store
         self.exporter, self.scenarios, self._clock = exporter, scenarios, clock
-        self.tracer = tracer or DisabledTracer("")
+        self.tracer = tracer
 
     def begin(self, request, rng, source, fault=Fault(), trace=None):
         """Decide outcome and processing time (the caller waits that long, then calls finish); `trace` is the

@@ -407,7 +407,8 @@ def test_fault_headers_force_a_failure_or_a_delay(app):
 
 def test_processing_time_is_long_tailed_with_p95_under_the_slo():
     import random
-    processor = payment_api.PaymentProcessor(payment_api.Settings(), None, _Null(), None, None, _NoScenarios(), float)
+    processor = payment_api.PaymentProcessor(payment_api.Settings(), None, _Null(), None, None, _NoScenarios(), float,
+                                             payment_api.DisabledTracer("not traced"))
     rng = random.Random(1)
     requests = [payment_api.PaymentRequest(1, "USD", kind, "c")
                 for kind in ("standard",) * 7 + ("express",) * 2 + ("recurring",)]
