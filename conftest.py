@@ -251,7 +251,26 @@ def start_prometheus(tmp_path):
         server.stop()
 
 
-class RecordingInfluxDB(ThreadingHTTPServer):
+class LoopbackServer(ThreadingHTTPServer):
+    """A stand-in HTTP server on 127.0.0.1 (a free port unless given), served from a thread inside `with`."""
+    daemon_threads = False
+
+    def __init__(self, handler, name, port=0):
+        super().__init__(("127.0.0.1", port), handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name=name)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.shutdown()
+        self._thread.join(5)
+        self.server_close()
+
+
+class RecordingInfluxDB(LoopbackServer):
     """Answers every write with 204 and keeps the line protocol it received; or, while `refusing`, drops the
     connection without an answer and counts the attempt; or, with `error_status` set, answers that error.
 
@@ -259,7 +278,6 @@ class RecordingInfluxDB(ThreadingHTTPServer):
     metrics, and a stopped one refuses connections without a trace: the exact line protocol and the number
     of write attempts are seen here instead.
     """
-    daemon_threads = False
 
     def __init__(self):
         self.bodies, self.refusing, self.refused = [], False, 0
@@ -285,18 +303,8 @@ class RecordingInfluxDB(ThreadingHTTPServer):
             def log_message(handler, *args):
                 pass
 
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        self._thread = threading.Thread(target=self.serve_forever, name="recording-influxdb")
+        super().__init__(Handler, "recording-influxdb")
 
     def lines(self):
         return [line for _, body in list(self.bodies) for line in body.decode().splitlines()]
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.shutdown()
-        self._thread.join(5)
-        self.server_close()

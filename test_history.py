@@ -12,12 +12,11 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ import yaml
 
 import history
 import payment_api
-from conftest import Prometheus, RecordingInfluxDB, ServerProcess, VictoriaMetrics, eventually, free_port, \
+from conftest import LoopbackServer, Prometheus, RecordingInfluxDB, ServerProcess, VictoriaMetrics, eventually, free_port, \
     require_binary
 from test_stack import (ALERTS, ENV_EXAMPLE, SEED_QUERIES, compose, dashboard, environment, grafana_value,
                         interpolate, interpolations, panel_queries, rules_of, shipped_alert,
@@ -344,9 +343,8 @@ def test_influxdb_unreachable_for_a_while_is_retried_and_nothing_is_lost(tmp_pat
     assert written == len(influxdb.lines()) > 100
 
 
-class RejectingInfluxDB(ThreadingHTTPServer):
-    """Answers every write 400 Bad Request, which influxdb-client does not retry."""
-    daemon_threads = True
+class RejectingInfluxDB(LoopbackServer):
+    """Answers every write 400 Bad Request with InfluxDB's error body, which influxdb-client does not retry."""
 
     def __init__(self):
         class Handler(BaseHTTPRequestHandler):
@@ -361,20 +359,12 @@ class RejectingInfluxDB(ThreadingHTTPServer):
 
             def log_message(handler, *args):
                 pass
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        super().__init__(Handler, "rejecting-influxdb")
 
 
 def test_points_influxdb_rejects_are_counted_and_the_command_fails():
-    server = RejectingInfluxDB()
-    thread = threading.Thread(target=server.serve_forever, name="rejecting-influxdb")
-    thread.start()
-    try:
+    with RejectingInfluxDB() as server:
         result = backfill("--days", "0.01", "--end", END, "--influxdb", env={"INFLUXDB_URL": server.url}, check=False)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
     assert result.returncode == 1, result.stdout + result.stderr
     not_written = int(re.search(r"0 points written, (\d+) not written", result.stdout)[1])
     assert not_written == sum(closing_counts(result.stdout)) > 0

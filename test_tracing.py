@@ -16,18 +16,17 @@ import secrets
 import signal
 import socket
 import statistics
-import threading
 import time
 import urllib.parse
 import urllib.request
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 import payment_api
-from conftest import Prometheus, eventually, free_port, http, metric_value
+from conftest import LoopbackServer, Prometheus, eventually, free_port, http, metric_value
 
 try:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
@@ -52,9 +51,8 @@ def attribute_values(key_values):
     return {item.key: getattr(item.value, item.value.WhichOneof("value")) for item in key_values}
 
 
-class OTLPReceiver(ThreadingHTTPServer):
+class OTLPReceiver(LoopbackServer):
     """Answers OTLP/HTTP trace exports as a collector does and keeps what it received: paths, headers and spans."""
-    daemon_threads = False
 
     def __init__(self, port=0):
         self.requests = []  # (path, headers, ExportTraceServiceRequest)
@@ -73,9 +71,7 @@ class OTLPReceiver(ThreadingHTTPServer):
             def log_message(handler, *args):
                 pass
 
-        super().__init__(("127.0.0.1", port), Handler)
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="otlp-receiver")
+        super().__init__(Handler, "otlp-receiver", port)
 
     def spans(self):
         """[(resource attributes, Span)] of every span received so far."""
@@ -89,15 +85,6 @@ class OTLPReceiver(ThreadingHTTPServer):
             found = [span for _, span in self.spans() if span.trace_id.hex() == trace_id]
             return found if len(found) >= spans else None
         return eventually(received, timeout=10, message=f"{spans} spans of trace {trace_id}")
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.shutdown()
-        self._thread.join(5)
-        self.server_close()
 
 
 @contextlib.contextmanager
