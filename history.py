@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -457,11 +458,17 @@ class OpenMetricsWriter:
         self.plan = plan
         self.layout = RowLayout(plan.settings.currencies, plan.outcome_of_status)
         self.failed_slots = self.layout.failed_slots()
-        folder = os.path.dirname(os.path.abspath(path))
-        self.parts_folder = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=folder)
         self.families = self.describe_families(plan.settings)
-        self.files = {name: open(os.path.join(self.parts_folder, name), "w", encoding="utf-8", buffering=1 << 20)
-                      for name in self.families}
+        folder = os.path.dirname(os.path.abspath(path))
+        self.files = {}
+        self.parts_folder = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=folder)
+        try:  # a SIGTERM while the parts are created leaves none of them behind
+            for name in self.families:
+                self.files[name] = open(os.path.join(self.parts_folder, name), "w", encoding="utf-8",
+                                        buffering=1 << 20)
+        except BaseException:
+            self.discard_parts()
+            raise
         self.series = self.make_series(target_labels)
         self.totals = [0] * self.layout.width
         self.histograms = self.layout.histograms()
@@ -576,11 +583,10 @@ class OpenMetricsWriter:
             self.discard_parts()
 
     def discard_parts(self):
+        """Close and delete the parts, with their folder (whatever an interruption left in it)."""
         for part in self.files.values():
             part.close()
-            if os.path.exists(part.name):
-                os.unlink(part.name)
-        os.rmdir(self.parts_folder)
+        shutil.rmtree(self.parts_folder)
 
 # ---------------------------------------------------------------- InfluxDB: the batching WriteApi, bounded
 
