@@ -523,8 +523,9 @@ class Payment:
                   "processing_seconds": round(self.processing_time, 4)}
         if self.decline_code:
             fields["decline_code"] = self.decline_code
-        if self.failure_reason:
-            fields["reason"] = self.failure_reason
+        reason = self.failure_reason  # looked for through the steps: once
+        if reason:
+            fields["reason"] = reason
         return fields
 
 
