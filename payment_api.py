@@ -252,6 +252,7 @@ INVALID = "invalid"  # the one label value that stands for anything a client inv
 MAX_AMOUNT = Decimal("1000000")
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CUSTOMER_POOL = 1000
+CUSTOMER_IDS = tuple(f"cust_{number:05d}" for number in range(1, CUSTOMER_POOL + 1))  # the first are the regulars
 POOL_CUSTOMER = re.compile(r"cust_[0-9]{5}")  # ids InfluxDB may tag; any other is tagged "other" (bounded series)
 MAX_BODY_BYTES = 64 * 1024
 MAX_REFUNDS = 100  # refunds a payment may have, so a payment's memory stays bounded too
@@ -399,7 +400,7 @@ def validate_payment(document, currencies, rng):
         raise InvalidField("type", "type must be one of " + ", ".join(PAYMENT_TYPES))
     customer_id = document.get("customerId")
     if customer_id is None:
-        customer_id = f"cust_{rng.randrange(1, CUSTOMER_POOL + 1):05d}"
+        customer_id = rng.choice(CUSTOMER_IDS)
     elif not isinstance(customer_id, str) or not CUSTOMER_ID.fullmatch(customer_id):
         raise InvalidField("customerId", "customerId must be 1-64 characters of A-Z, a-z, 0-9, _ and -")
     method = document.get("paymentMethod", "card")
@@ -1403,9 +1404,12 @@ REFUND_AFTER = (60.0, 600.0)
 FULL_REFUND_SHARE = 0.7  # the others return part of the amount:
 PARTIAL_REFUND = (0.1, 0.9)  # 10 to 90 % of it, at least 0.01
 AMOUNT_BANDS = ((0.75, 10, 200), (0.20, 200, 1000), (0.05, 1000, 6000))  # share, low, high (log-uniform)
-TYPE_CUMULATIVE = tuple(itertools.accumulate(TYPE_WEIGHTS))
-METHOD_CUMULATIVE = tuple(itertools.accumulate(METHOD_WEIGHTS))
-BAND_CUMULATIVE = tuple(itertools.accumulate(share for share, _, _ in AMOUNT_BANDS))
+LOG_AMOUNT_BANDS = tuple((math.log(low), math.log(high / low)) for _, low, high in AMOUNT_BANDS)  # log low, log width
+# Type, amount band and method are independent, so one weighted pick among their combinations, each weighing the
+# product of its three weights, draws all three: a history draws millions of requests
+REQUEST_SHAPES = tuple(itertools.product(PAYMENT_TYPES, LOG_AMOUNT_BANDS, PAYMENT_METHODS))
+SHAPE_CUMULATIVE = tuple(itertools.accumulate(math.prod(weights) for weights in itertools.product(
+    TYPE_WEIGHTS, [share for share, _, _ in AMOUNT_BANDS], METHOD_WEIGHTS)))
 RETURNING_CUSTOMERS, RETURNING_SHARE = 100, 0.6  # 10 % of the pool make 60 % of payments
 BURST_EVERY, BURST_LENGTH, BURST_FACTOR = 60.0, 6.0, 4.0
 MAX_LAG_SECONDS = 5.0
@@ -1432,12 +1436,11 @@ def draw_request_fields(rng, currencies):
     """draw_request's draws as a plain tuple (amount, currency, type, customer id, method), the amount a float
     rounded to cents: the history draws millions, and a frozen PaymentRequest with a Decimal costs a fifth of that."""
     currency = pick(rng, currencies, currency_weights(currencies))
-    payment_type = pick(rng, PAYMENT_TYPES, TYPE_CUMULATIVE)
-    _, low, high = pick(rng, AMOUNT_BANDS, BAND_CUMULATIVE)
-    amount = round(math.exp(rng.uniform(math.log(low), math.log(high))), 2)
+    payment_type, (log_low, log_width), method = pick(rng, REQUEST_SHAPES, SHAPE_CUMULATIVE)
+    amount = round(math.exp(log_low + log_width * rng.random()), 2)
     pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
-    customer_id = f"cust_{rng.randrange(1, pool + 1):05d}"
-    return amount, currency, payment_type, customer_id, pick(rng, PAYMENT_METHODS, METHOD_CUMULATIVE)
+    customer_id = CUSTOMER_IDS[int(rng.random() * pool)]
+    return amount, currency, payment_type, customer_id, method
 
 
 def pick(rng, population, cumulative_weights):
