@@ -399,7 +399,8 @@ def points_as_the_live_export_writes_them(plan, chunk_start):
     lines = []
     arrival = chunk_start + rng.expovariate(plan.rate_at(chunk_start, plan.effects_at(chunk_start)))
     while arrival < chunk_end:
-        effects = plan.effects_at(arrival)
+        second = math.floor(arrival)  # the rate and the effects of the arrival's whole second
+        effects = plan.effects_at(second)
         request = payment_api.draw_request(rng, plan.settings.currencies)
         status, processing_time, _ = payment_api.draw_outcome(rng, request, plan.settings, effects)
         completed = arrival + processing_time
@@ -411,7 +412,7 @@ def points_as_the_live_export_writes_them(plan, chunk_start):
                 made = payment_api.Refund("", "", refund[1] or request.amount, request.currency, "history",
                                           completed + refund[0])
                 lines.append(payment_api.refund_line(made, payment, plan.influx_instance))
-        arrival += rng.expovariate(plan.rate_at(arrival, effects))
+        arrival += rng.expovariate(plan.rate_at(second, effects))
     return lines
 
 
@@ -449,6 +450,23 @@ def test_the_same_seed_gives_byte_identical_files_whatever_the_number_of_workers
     assert (tmp_path / "other.om").read_bytes() != (tmp_path / "one.om").read_bytes()
     assert (tmp_path / "one.om").read_text().endswith("# EOF\n")
     assert re.search(r"^payment_refunds_total\{.*\} [1-9]", (tmp_path / "one.om").read_text(), re.MULTILINE)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "through Python"])
+def test_the_families_are_joined_whole_in_order_with_or_without_a_kernel_copy(tmp_path, monkeypatch, kernel_copy):
+    if not kernel_copy:  # as on a system without os.copy_file_range (macOS)
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    parts = [random.Random(number).randbytes(size) for number, size in enumerate((3 << 20, 0, 12_345))]
+    for number, part in enumerate(parts):
+        (tmp_path / f"part{number}").write_bytes(part)
+    with open(tmp_path / "joined", "wb") as joined:
+        for number in range(len(parts)):
+            joined.write(f"# part {number}\n".encode())  # buffered writes before and after each copy
+            with open(tmp_path / f"part{number}", "rb") as source:
+                history.append_file(source, joined)
+        joined.write(b"# EOF\n")
+    expected = b"".join(f"# part {number}\n".encode() + part for number, part in enumerate(parts)) + b"# EOF\n"
+    assert (tmp_path / "joined").read_bytes() == expected
 
 
 def test_an_interrupted_run_leaves_no_file_behind(tmp_path):
