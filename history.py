@@ -3,7 +3,7 @@
 Run it through the service: `python payment_api.py backfill --days 7 --openmetrics history.om --influxdb`
 (`--help` lists every option). The payments come from the simulator's own draws in payment_api.py, made without
 its objects in the hot loop (millions of payments; test_history checks they stay the same draws and points); the
-file becomes Prometheus blocks with `promtool tsdb create-blocks-from openmetrics --max-block-duration=168h FILE DIR`.
+file becomes Prometheus blocks with `promtool tsdb create-blocks-from openmetrics --max-block-duration=87600h FILE DIR`.
 
 The history is a pure function of the seed and the time: each hour (a "chunk") draws its payments from a
 random generator seeded with the seed and the chunk's start, so separate runs for Prometheus and InfluxDB, any

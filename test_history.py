@@ -50,9 +50,12 @@ def backfill(*args, env=None, check=True, timeout=120):
     return result
 
 
+PROMTOOL_BLOCKS = "--max-block-duration=87600h"  # one block: promtool reads the file once more per block
+
+
 def create_blocks(openmetrics, data_dir):
     promtool = require_binary("promtool")
-    result = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", "--max-block-duration=168h",
+    result = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", PROMTOOL_BLOCKS,
                              str(openmetrics), str(data_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -592,6 +595,13 @@ def test_compose_backfills_before_prometheus_starts_with_only_the_variables_the_
     retention = next(arg for arg in services["prometheus"]["command"]
                      if arg.startswith("--storage.tsdb.retention.time"))
     assert int(retention.split("=")[1].removesuffix("d")) > history.MAX_DAYS
+
+
+def test_trainers_make_blocks_with_the_promtool_command_the_tests_run():
+    documented = re.findall(r"promtool tsdb create-blocks-from openmetrics (\S+)", (HERE / "README.md").read_text())
+    in_compose = re.findall(r"promtool tsdb create-blocks-from openmetrics (\S+)",
+                            compose()["services"]["prometheus-history"]["command"][0])
+    assert documented == in_compose == [PROMTOOL_BLOCKS]
 
 
 def compose_script(service, tmp_path, live_url):
