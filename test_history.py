@@ -58,6 +58,7 @@ def create_blocks(openmetrics, data_dir):
     result = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", PROMTOOL_BLOCKS,
                              str(openmetrics), str(data_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert len([block for block in Path(data_dir).iterdir() if (block / "meta.json").exists()]) == 1
     return result
 
 
@@ -430,10 +431,12 @@ def test_request_fields_are_the_requests_payment_api_draws(currencies):
     assert drawn.getstate() == mirrored.getstate()
 
 
-@pytest.mark.parametrize("scenario", [None, *payment_api.SCENARIOS])
-def test_points_are_the_lines_of_the_live_export_for_the_payments_payment_api_draws(scenario):
+@pytest.mark.parametrize("scenario, chunk", [*((scenario, 10) for scenario in (None, *payment_api.SCENARIOS)),
+                                             (None, 0), (None, -1)], ids=lambda value: str(value))
+def test_points_are_the_lines_of_the_live_export_for_the_payments_payment_api_draws(scenario, chunk):
+    """Chunk 0 begins before the history, the last one is cut short by its end."""
     plan = a_plan()
-    chunk_start = START_SECONDS + 10 * plan.chunk_seconds
+    chunk_start = history.chunk_starts(plan)[chunk]
     if scenario:  # the middle of the chunk: payments before, during and after it
         plan = a_plan(incidents=[history.Incident(scenario, chunk_start + 600, chunk_start + 1200)])
     _, bodies, payments, refunds = history.draw_chunk(plan, chunk_start)

@@ -534,8 +534,8 @@ def test_simulated_arrivals_match_the_rate_within_poisson_noise():
     for _ in range(60):  # one tick a second: the scheduler catches up instead of falling behind
         app.simulator.tick(clock.advance(1.0))
     expected = 200 * 59  # arrivals are drawn from the first tick on, one second after the clock's start
-    # Within 4 standard deviations: one seed's count lies anywhere in the Poisson noise (over seeds 1-40 it is
-    # off by 0.11 of one on average, spread 0.95); a scheduler losing or adding 5 % of arrivals would be 5.4 off
+    # Within 4 standard deviations: one seed's count lies anywhere in the Poisson noise (over seeds 1-40: mean
+    # 0.11, standard deviation 0.95, in standard deviations); losing or adding 5 % of arrivals would be 5.4 off
     assert abs(app.stats.snapshot()["totals"]["payments"] - expected) < 4 * expected ** 0.5
 
 
@@ -597,6 +597,7 @@ def test_request_type_amount_band_and_method_follow_their_weights_independently(
 
     def shares(values, keys):
         return [sum(value == key for value in values) / len(values) for key in keys]
+
     types = [payment_type for _, _, payment_type, _, _ in draws]
     methods = [method for _, _, _, _, method in draws]
     bands = [band(amount) for amount, _, _, _, _ in draws]
