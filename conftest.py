@@ -71,6 +71,32 @@ def require_binary(name):
     return path
 
 
+def node_checker(folder, package, timeout):
+    """check({name: query}) -> {name: result}, from one node run of `folder`/check.mjs, which reads the queries
+    as JSON and writes a result with each name. The npm `package` it loads must be the version pinned in
+    `folder`/package-lock.json: skip without it, except under CI=true where that is a failure."""
+    node = require_binary("node")
+    lock = json.loads((folder / "package-lock.json").read_text())
+    pinned = lock["packages"][f"node_modules/{package}"]["version"]
+    installed = folder / "node_modules" / package / "package.json"
+    installed_version = json.loads(installed.read_text())["version"] if installed.exists() else None
+    if installed_version != pinned:
+        message = (f"{package} {pinned} is not installed (found {installed_version}): "
+                   f"run npm ci --prefix .ci/{folder.name}")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+    def check(queries):
+        run = subprocess.run([node, str(folder / "check.mjs")], input=json.dumps([{"name": name, "query": query}
+                                                                              for name, query in queries.items()]),
+                             capture_output=True, text=True, timeout=timeout)
+        assert run.returncode == 0, f"the checker failed:\n{run.stderr}"
+        return {result["name"]: result for result in json.loads(run.stdout)}
+
+    return check
+
+
 def http(method, url, body=None, headers=None, timeout=10):
     """(status, headers, parsed JSON or raw bytes) for one request; 4xx and 5xx are answers, not errors."""
     data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body

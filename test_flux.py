@@ -13,13 +13,12 @@ the checks skip, except under CI=true where they fail.
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import require_binary
+from conftest import node_checker
 
 HERE = Path(__file__).resolve().parent
 CHECKER = HERE / ".ci" / "flux" / "check.mjs"
@@ -62,28 +61,21 @@ def flux_datasources(path=DATASOURCES):
     return kinds
 
 
-def dashboard_flux_queries(board, kinds):
-    """(JSON path, query) of every Flux query in a dashboard, wherever Grafana keeps it.
+def dashboard_queries(board, field, kind_of, wanted):
+    """(JSON path, text) of every non-empty `field` string in a dashboard whose data source is of kind `wanted`.
 
-    A "query" string belongs to the data source of its own object or of the nearest enclosing one (a
-    panel's targets inherit the panel's), so targets of panels inside rows, annotations and template
-    variables are found alike. A data source is named by {"type", "uid"}, or by a uid or name alone.
+    A string belongs to the data source of its own object or of the nearest enclosing one (a panel's targets
+    inherit the panel's), so targets of panels inside rows, annotations and template variables are found
+    alike. kind_of(datasource) gives a data source's kind, or None when it cannot tell: then the enclosing
+    one's counts.
     """
-    def kind_of(source):
-        if isinstance(source, str):
-            return kinds.get(source)
-        if isinstance(source, dict):
-            kind = kinds.get(source.get("uid"), source.get("type"))
-            return "flux" if kind == "influxdb" else kind  # an InfluxDB we do not provision: assume Flux
-        return None
-
     found = []
 
     def walk(node, path, inherited):
         if isinstance(node, dict):
             kind = kind_of(node.get("datasource")) or inherited
-            if kind == "flux" and isinstance(node.get("query"), str) and node["query"].strip():
-                found.append((path + "/query", node["query"]))
+            if kind == wanted and isinstance(node.get(field), str) and node[field].strip():
+                found.append((f"{path}/{field}", node[field]))
             for key, value in node.items():
                 walk(value, f"{path}/{key}", kind)
         elif isinstance(node, list):
@@ -92,6 +84,20 @@ def dashboard_flux_queries(board, kinds):
 
     walk(board, "", None)
     return found
+
+
+def dashboard_flux_queries(board, kinds):
+    """(JSON path, query) of every Flux query in a dashboard, wherever Grafana keeps it. A data source is
+    named by {"type", "uid"}, or by a uid or name alone."""
+    def kind_of(source):
+        if isinstance(source, str):
+            return kinds.get(source)
+        if isinstance(source, dict):
+            kind = kinds.get(source.get("uid"), source.get("type"))
+            return "flux" if kind == "influxdb" else kind  # an InfluxDB we do not provision: assume Flux
+        return None
+
+    return dashboard_queries(board, "query", kind_of, "flux")
 
 
 def json_strings(node, path=""):
@@ -198,25 +204,7 @@ SHIPPED, STRAY = shipped_flux_queries()
 @pytest.fixture(scope="module")
 def check_flux():
     """check_flux({name: query}) -> {name: {"valid", "diagnostics"}}, from one node run of .ci/flux/check.mjs."""
-    node = require_binary("node")
-    lock = json.loads((CHECKER.parent / "package-lock.json").read_text())
-    pinned = lock["packages"][f"node_modules/{PACKAGE}"]["version"]
-    installed = CHECKER.parent / "node_modules" / PACKAGE / "package.json"
-    installed_version = json.loads(installed.read_text())["version"] if installed.exists() else None
-    if installed_version != pinned:
-        message = f"{PACKAGE} {pinned} is not installed (found {installed_version}): run npm ci --prefix .ci/flux"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-
-    def check(queries):
-        run = subprocess.run([node, str(CHECKER)], input=json.dumps([{"name": name, "query": query}
-                                                                      for name, query in queries.items()]),
-                             capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, f"the checker failed:\n{run.stderr}"
-        return {result["name"]: result for result in json.loads(run.stdout)}
-
-    return check
+    return node_checker(CHECKER.parent, PACKAGE, timeout=120)
 
 
 @pytest.fixture(scope="module")

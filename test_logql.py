@@ -11,16 +11,14 @@ Needs node and `npm ci --prefix .ci/logql` (the version is pinned in .ci/logql/p
 the checks skip, except under CI=true where they fail.
 """
 import json
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import require_binary
-from test_flux import fenced_blocks, repository_files
+from conftest import node_checker
+from test_flux import dashboard_queries, fenced_blocks, repository_files
 
 HERE = Path(__file__).resolve().parent
 CHECKER = HERE / ".ci" / "logql" / "check.mjs"
@@ -54,26 +52,14 @@ def loki_sources(path=DATASOURCES):
 
 def dashboard_loki_queries(board, loki):
     """(JSON path, expr) of every target of a Loki data source, its own or the one of the panel around it."""
-    def is_loki(source):
+    def kind_of(source):
+        if not source:
+            return None
         if isinstance(source, dict):
-            return source.get("type") == "loki" or source.get("uid") in loki
-        return source in loki
+            return "loki" if source.get("type") == "loki" or source.get("uid") in loki else "other"
+        return "loki" if source in loki else "other"
 
-    found = []
-
-    def walk(node, path, inherited):
-        if isinstance(node, dict):
-            here = is_loki(node["datasource"]) if node.get("datasource") else inherited
-            if here and isinstance(node.get("expr"), str) and node["expr"].strip():
-                found.append((f"{path}/expr", node["expr"]))
-            for key, value in node.items():
-                walk(value, f"{path}/{key}", here)
-        elif isinstance(node, list):
-            for index, value in enumerate(node):
-                walk(value, f"{path}/{index}", inherited)
-
-    walk(board, "", False)
-    return found
+    return dashboard_queries(board, "expr", kind_of, "loki")
 
 
 def provisioned_loki_queries(path=DATASOURCES):
@@ -133,25 +119,8 @@ SHIPPED = shipped_logql_queries()
 @pytest.fixture(scope="module")
 def check_logql():
     """check_logql({name: query}) -> {name: [error]}, from one node run of .ci/logql/check.mjs."""
-    node = require_binary("node")
-    lock = json.loads((CHECKER.parent / "package-lock.json").read_text())
-    pinned = lock["packages"][f"node_modules/{PACKAGE}"]["version"]
-    installed = CHECKER.parent / "node_modules" / PACKAGE / "package.json"
-    installed_version = json.loads(installed.read_text())["version"] if installed.exists() else None
-    if installed_version != pinned:
-        message = f"{PACKAGE} {pinned} is not installed (found {installed_version}): run npm ci --prefix .ci/logql"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-
-    def check(queries):
-        run = subprocess.run([node, str(CHECKER)], input=json.dumps([{"name": name, "query": query}
-                                                                      for name, query in queries.items()]),
-                             capture_output=True, text=True, timeout=20)
-        assert run.returncode == 0, f"the checker failed:\n{run.stderr}"
-        return {result["name"]: result["errors"] for result in json.loads(run.stdout)}
-
-    return check
+    check = node_checker(CHECKER.parent, PACKAGE, timeout=20)
+    return lambda queries: {name: result["errors"] for name, result in check(queries).items()}
 
 
 def report(query, errors):
