@@ -298,7 +298,8 @@ class LoopbackServer(ThreadingHTTPServer):
 
 class RecordingInfluxDB(LoopbackServer):
     """Answers every write with 204 and keeps the line protocol it received; or, while `refusing`, drops the
-    connection without an answer and counts the attempt; or, with `error_status` set, answers that error.
+    connection without an answer and counts the attempt; or, with `error_status` set, answers that error with
+    InfluxDB's JSON error body.
 
     victoria-metrics keeps timestamps to the millisecond, stores no string field and turns the point into
     metrics, and a stopped one refuses connections without a trace: the exact line protocol and the number
@@ -315,11 +316,15 @@ class RecordingInfluxDB(LoopbackServer):
                 if self.refusing:
                     self.refused += 1
                     return  # the connection closes without a status line
-                if self.error_status:
+                if self.error_status:  # with InfluxDB's error body, whose message clients pass on
                     self.refused += 1
+                    answer = json.dumps({"code": "invalid" if self.error_status < 500 else "unavailable",
+                                         "message": "rejected by the test"}).encode()
                     handler.send_response(self.error_status)
-                    handler.send_header("Content-Length", "0")
+                    handler.send_header("Content-Type", "application/json")
+                    handler.send_header("Content-Length", str(len(answer)))
                     handler.end_headers()
+                    handler.wfile.write(answer)
                     return
                 self.bodies.append((handler.path, body))
                 handler.send_response(204)

@@ -16,7 +16,6 @@ import time
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,8 @@ import yaml
 
 import history
 import payment_api
-from conftest import LoopbackServer, Prometheus, RecordingInfluxDB, ServerProcess, VictoriaMetrics, eventually, free_port, \
-    require_binary
+from conftest import (Prometheus, RecordingInfluxDB, ServerProcess, VictoriaMetrics, eventually, free_port,
+                      require_binary)
 from test_stack import (ALERTS, ENV_EXAMPLE, SEED_QUERIES, compose, dashboard, environment, grafana_value,
                         interpolate, interpolations, panel_queries, rules_of, shipped_alert,
                         variable_label_query, variables)
@@ -347,27 +346,9 @@ def test_influxdb_unreachable_for_a_while_is_retried_and_nothing_is_lost(tmp_pat
     assert written == len(influxdb.lines()) > 100
 
 
-class RejectingInfluxDB(LoopbackServer):
-    """Answers every write 400 Bad Request with InfluxDB's error body, which influxdb-client does not retry."""
-
-    def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(handler):
-                handler.rfile.read(int(handler.headers["Content-Length"]))
-                body = b'{"code":"invalid","message":"rejected by the test"}'
-                handler.send_response(400)
-                handler.send_header("Content-Type", "application/json")
-                handler.send_header("Content-Length", str(len(body)))
-                handler.end_headers()
-                handler.wfile.write(body)
-
-            def log_message(handler, *args):
-                pass
-        super().__init__(Handler, "rejecting-influxdb")
-
-
 def test_points_influxdb_rejects_are_counted_and_the_command_fails():
-    with RejectingInfluxDB() as server:
+    with RecordingInfluxDB() as server:
+        server.error_status = 400  # a Bad Request, which influxdb-client does not retry
         result = backfill("--days", "0.01", "--end", END, "--influxdb", env={"INFLUXDB_URL": server.url}, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     not_written = int(re.search(r"0 points written, (\d+) not written", result.stdout)[1])
