@@ -20,11 +20,11 @@ import math
 import multiprocessing
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -482,20 +482,21 @@ class OpenMetricsWriter:
         self.layout = RowLayout(plan.settings.currencies, plan.outcome_of_status)
         self.failed_slots = self.layout.failed_slots()
         self.families = self.describe_families(plan.settings)
-        folder = os.path.dirname(os.path.abspath(path))
+        folder, name = os.path.split(os.path.abspath(path))
+        hidden = os.path.join(folder, f".{name}.{secrets.token_hex(4)}")
+        self.parts_folder = hidden + ".parts"  # only names so far: open_parts() creates, discard() deletes
+        self.joined_path = hidden + ".tmp"
         self.files = {}
-        self.parts_folder = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-        try:  # a SIGTERM while the parts are created leaves none of them behind
-            for name in self.families:
-                self.files[name] = open(os.path.join(self.parts_folder, name), "w", encoding="utf-8",
-                                        buffering=1 << 20)
-        except BaseException:
-            self.discard_parts()
-            raise
         self.series = self.make_series(target_labels)
         self.totals = [0] * self.layout.width
         self.histograms = self.layout.histograms()
         self.samples = 0
+
+    def open_parts(self):
+        """Create the folder of the parts and a file for each family in it."""
+        os.mkdir(self.parts_folder)
+        for name in self.families:
+            self.files[name] = open(os.path.join(self.parts_folder, name), "w", encoding="utf-8", buffering=1 << 20)
 
     @staticmethod
     def describe_families(settings):
@@ -585,30 +586,28 @@ class OpenMetricsWriter:
 
     def finish(self):
         """Join the families into the file under a temporary name, add # EOF, rename it into place."""
-        final = tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(os.path.abspath(self.path)),
-                                            prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", delete=False)
-        try:
-            with final:
-                for name, part in self.files.items():
-                    kind, documentation = self.families[name]
-                    final.write(f"# HELP {name} {escape_help(documentation)}\n# TYPE {name} {kind}\n".encode())
-                    part.close()
-                    with open(part.name, "rb") as source:
-                        append_file(source, final)
-                final.write(b"# EOF\n")
-            os.chmod(final.name, 0o644)
-            os.replace(final.name, self.path)
-        except BaseException:
-            os.unlink(final.name)
-            raise
-        finally:
-            self.discard_parts()
+        with open(self.joined_path, "wb") as joined:
+            for name, part in self.files.items():
+                kind, documentation = self.families[name]
+                joined.write(f"# HELP {name} {escape_help(documentation)}\n# TYPE {name} {kind}\n".encode())
+                part.close()
+                with open(part.name, "rb") as source:
+                    append_file(source, joined)
+            joined.write(b"# EOF\n")
+        os.replace(self.joined_path, self.path)
+        self.discard()
 
-    def discard_parts(self):
-        """Close and delete the parts, with their folder (whatever an interruption left in it)."""
+    def discard(self):
+        """Close and delete whatever temporary files exist under this writer's names.
+
+        It goes by name, not by what was recorded, so a SIGTERM at any moment (even between creating a file and
+        noting it) leaves nothing behind.
+        """
         for part in self.files.values():
             part.close()
-        shutil.rmtree(self.parts_folder)
+        shutil.rmtree(self.parts_folder, ignore_errors=True)
+        if os.path.exists(self.joined_path):
+            os.unlink(self.joined_path)
 
 
 def append_file(source, target):
@@ -748,14 +747,17 @@ def check_outputs(options, settings):
 
 
 def main(argv):
-    interrupted = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():  # an interrupted run cleans up after itself
-        signal.signal(signal.SIGTERM, stop_on_signal)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    if in_main_thread:  # SIGTERM and Ctrl-C end the run quietly, and it cleans up after itself on the way out
+        for number in handlers:
+            signal.signal(number, stop_on_signal)
     try:
         return backfill(argv)
     finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, interrupted)
+        if in_main_thread:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
 
 
 def backfill(argv):
@@ -796,14 +798,16 @@ def run(plan, options):
     """Draw the chunks, turn them into samples and points, report; 1 when InfluxDB did not take every point."""
     started = time.monotonic()
     target_labels = {**options.labels, "job": options.job, "instance": options.instance}
+    writer = OpenMetricsWriter(options.openmetrics, plan, target_labels) if options.openmetrics else None
     pool = None
     if options.jobs > 1:  # workers leave SIGTERM to its default, so pool.terminate() ends them
         pool = multiprocessing.get_context("fork").Pool(options.jobs, initializer=signal.signal,
                                                         initargs=(signal.SIGTERM, signal.SIG_DFL))
-    writer = influx = None
+    influx = None
     payments, refunds, waiting_rows, next_sample = 0, 0, {}, 0
     try:  # the workers are forked above, before influxdb-client starts its threads
-        writer = OpenMetricsWriter(options.openmetrics, plan, target_labels) if options.openmetrics else None
+        if writer:
+            writer.open_parts()
         influx = InfluxWriter(plan.settings) if options.influxdb else None
         times = plan.sample_times()
         empty = [0] * RowLayout(plan.settings.currencies, plan.outcome_of_status).width
@@ -827,7 +831,6 @@ def run(plan, options):
             writer.finish()
             print(f"wrote {options.openmetrics}: {writer.samples} samples of {sum(map(len, writer.series.values()))}"
                   f" series, {os.path.getsize(options.openmetrics) / 1e6:.1f} MB", flush=True)
-            writer = None
         if influx:
             influx.close()
             print(f"InfluxDB {plan.settings.influxdb_url} bucket {plan.settings.influxdb_bucket}: "
@@ -839,6 +842,6 @@ def run(plan, options):
         if pool:
             pool.terminate()
         if writer:
-            writer.discard_parts()
+            writer.discard()
         if influx and influx.pending:
             influx.close()

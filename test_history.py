@@ -456,20 +456,45 @@ def test_the_families_are_joined_whole_in_order_with_or_without_a_kernel_copy(tm
     assert (tmp_path / "joined").read_bytes() == expected
 
 
-def test_an_interrupted_run_leaves_no_file_behind(tmp_path):
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_an_interrupted_run_stops_quietly_and_leaves_no_file_behind(tmp_path, signal_number):
     target = tmp_path / "big.om"
     process = subprocess.Popen([sys.executable, "payment_api.py", "backfill", "--days", "3", "--end", END,
                                 "--openmetrics", str(target)], cwd=HERE, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.PIPE, text=True)
     try:
         eventually(lambda: any(tmp_path.iterdir()), timeout=30, message="the backfill's temporary files")
         assert not target.exists()
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
+        process.send_signal(signal_number)  # at once: the first moments after the first file appears included
+        _, errors = process.communicate(timeout=30)
     finally:
         process.kill()
-    assert process.returncode != 0
+    assert process.returncode == 128 + signal_number
+    assert errors == ""  # no traceback
     assert list(tmp_path.iterdir()) == []
+
+
+def interrupted_after(function):
+    """`function`, then the exception a signal handler raises in the moment after it returns."""
+    def call_then_interrupt(*args, **kwargs):
+        function(*args, **kwargs)
+        raise SystemExit(128 + signal.SIGTERM)
+    return call_then_interrupt
+
+
+@pytest.mark.parametrize("owner, name", [(os, "mkdir"), (history.OpenMetricsWriter, "add_sample"),
+                                         (history, "append_file"), (os, "replace")],
+                         ids=["parts folder made", "a sample written", "a family joined", "file renamed"])
+def test_an_interruption_at_any_step_leaves_only_a_complete_file(tmp_path, monkeypatch, owner, name):
+    monkeypatch.setattr(owner, name, interrupted_after(getattr(owner, name)))
+    target = tmp_path / "history.om"
+    with pytest.raises(SystemExit):
+        history.main(["--days", "0.01", "--end", END, "--jobs", "1", "--openmetrics", str(target)])
+    if name == "replace":  # the file was complete when the signal came
+        assert [path.name for path in tmp_path.iterdir()] == ["history.om"]
+        assert target.read_bytes().endswith(b"\n# EOF\n")
+    else:
+        assert list(tmp_path.iterdir()) == []
 
 
 def peak_rss_kb(*args):
