@@ -13,6 +13,7 @@ later, possibly in a later chunk, and not at all when that is after the end.
 """
 import argparse
 import bisect
+import contextlib
 import itertools
 import json
 import logging
@@ -54,6 +55,7 @@ INCIDENT_KINDS = ("error_spike", "latency_degradation", "outage", "currency_outa
 INCIDENT_MINUTES = {"outage": (5, 10)}  # shortest and longest; the others run 15-30 minutes, long enough to alert
 INFLUXDB_BATCH_SIZE = 5000  # lines per write; InfluxData's recommended batch
 INFLUXDB_RETRIES = payment_api.InfluxExporter.RETRIES  # as the live export retries
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # ---------------------------------------------------------------- options
 
@@ -440,21 +442,37 @@ def chunk_starts(plan):
     return range(plan.start // plan.chunk_seconds * plan.chunk_seconds, plan.end, plan.chunk_seconds)
 
 
-def chunks_in_order(plan, pool, jobs):
-    """(chunk start, draw_chunk's result) for every chunk in time order; the pool keeps a few chunks ahead."""
+def chunks_in_order(plan, workers, jobs):
+    """(chunk start, draw_chunk's result) for every chunk in time order; the workers keep a few chunks ahead."""
     starts = chunk_starts(plan)
-    if pool is None:
+    if workers is None:
         yield from ((start, draw_chunk(plan, start)) for start in starts)
         return
     waiting = deque()
     for start in starts:
-        waiting.append((start, pool.apply_async(draw_chunk, (plan, start))))
+        waiting.append((start, workers.apply_async(draw_chunk, (plan, start))))
         if len(waiting) > jobs:  # bounded: a slow InfluxDB must not make results pile up here
             chunk_start, result = waiting.popleft()
             yield chunk_start, result.get()
     while waiting:
         chunk_start, result = waiting.popleft()
         yield chunk_start, result.get()
+
+
+def start_workers(jobs):
+    """`jobs` worker processes for draw_chunk that ignore SIGTERM and Ctrl-C: only this process stops them.
+
+    A terminal's Ctrl-C, and `timeout`'s SIGTERM, go to every process of the command; a worker killed while it
+    hands over a chunk would leave the pool's queues locked. A new interpreter (spawned, not forked from this one
+    and its threads) keeps ignoring what it was started ignoring. A worker ends when this process closes the
+    pool, or dies.
+    """
+    handlers = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
+    try:  # a signal in the milliseconds it takes to start them is ignored too
+        return multiprocessing.get_context("spawn").Pool(jobs)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 # ---------------------------------------------------------------- OpenMetrics: one temporary file a family
 
@@ -598,16 +616,17 @@ class OpenMetricsWriter:
         self.discard()
 
     def discard(self):
-        """Close and delete whatever temporary files exist under this writer's names.
+        """Delete whatever temporary files exist under this writer's names, then close the parts.
 
-        It goes by name, not by what was recorded, so a SIGTERM at any moment (even between creating a file and
-        noting it) leaves nothing behind.
+        It goes by name, not by what was recorded, so an interruption at any moment (even between creating a file
+        and noting it) leaves nothing behind, and a failing close (a full disk) comes too late to keep a file.
         """
-        for part in self.files.values():
-            part.close()
         shutil.rmtree(self.parts_folder, ignore_errors=True)
-        if os.path.exists(self.joined_path):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.joined_path)
+        for part in self.files.values():
+            with contextlib.suppress(OSError):
+                part.close()
 
 
 def append_file(source, target):
@@ -707,8 +726,14 @@ class InfluxWriter:
 # ---------------------------------------------------------------- main
 
 
+class Interrupted(BaseException):
+    """SIGTERM or Ctrl-C arrived: the run stops where it is, and its clean-up runs on the way out."""
+
+
 def stop_on_signal(signal_number, _frame):
-    raise SystemExit(128 + signal_number)
+    for number in STOP_SIGNALS:  # a second signal must not cut the clean-up short
+        signal.signal(number, signal.SIG_IGN)
+    raise Interrupted(signal_number)
 
 
 def iso(epoch_seconds):
@@ -747,17 +772,21 @@ def check_outputs(options, settings):
 
 
 def main(argv):
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-    if in_main_thread:  # SIGTERM and Ctrl-C end the run quietly, and it cleans up after itself on the way out
-        for number in handlers:
+    """Run the backfill; SIGTERM and Ctrl-C stop it with one line and 128 + the signal's number, as a shell does."""
+    handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    for number, handler in handlers.items():
+        if handler is not signal.SIG_IGN:  # `nohup` and `command &` ignore SIGINT on purpose
             signal.signal(number, stop_on_signal)
     try:
         return backfill(argv)
+    except Interrupted as interruption:
+        number = interruption.args[0]
+        print(f"{PROG}: stopped by {signal.Signals(number).name} before the history was complete", file=sys.stderr,
+              flush=True)
+        return 128 + number
     finally:
-        if in_main_thread:
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 def backfill(argv):
@@ -799,19 +828,17 @@ def run(plan, options):
     started = time.monotonic()
     target_labels = {**options.labels, "job": options.job, "instance": options.instance}
     writer = OpenMetricsWriter(options.openmetrics, plan, target_labels) if options.openmetrics else None
-    pool = None
-    if options.jobs > 1:  # workers leave SIGTERM to its default, so pool.terminate() ends them
-        pool = multiprocessing.get_context("fork").Pool(options.jobs, initializer=signal.signal,
-                                                        initargs=(signal.SIGTERM, signal.SIG_DFL))
-    influx = None
+    workers = influx = None
     payments, refunds, waiting_rows, next_sample = 0, 0, {}, 0
-    try:  # the workers are forked above, before influxdb-client starts its threads
+    try:
+        if options.jobs > 1:
+            workers = start_workers(options.jobs)
         if writer:
             writer.open_parts()
         influx = InfluxWriter(plan.settings) if options.influxdb else None
         times = plan.sample_times()
         empty = [0] * RowLayout(plan.settings.currencies, plan.outcome_of_status).width
-        for chunk_start, (rows, bodies, chunk_payments, chunk_refunds) in chunks_in_order(plan, pool, options.jobs):
+        for chunk_start, (rows, bodies, chunk_payments, chunk_refunds) in chunks_in_order(plan, workers, options.jobs):
             payments += chunk_payments
             refunds += chunk_refunds
             for body in bodies:
@@ -838,10 +865,9 @@ def run(plan, options):
                   + (f" (first error: {influx.first_error})" if influx.first_error else ""), flush=True)
         print(f"{payments} payments and {refunds} refunds in {time.monotonic() - started:.1f} s", flush=True)
         return 1 if influx and influx.not_written else 0
-    finally:
-        if pool:
-            pool.terminate()
+    finally:  # after success, an error or an interruption; the last does not wait for InfluxDB's answers
         if writer:
-            writer.discard()
-        if influx and influx.pending:
-            influx.close()
+            writer.discard()  # all of it after an interruption, nothing after finish()
+        if workers:  # each worker finishes the chunks it was given (at most two, a second or less)
+            workers.close()
+            workers.join()

@@ -346,6 +346,26 @@ def test_influxdb_unreachable_for_a_while_is_retried_and_nothing_is_lost(tmp_pat
     assert written == len(influxdb.lines()) > 100
 
 
+def stopped_line(signal_number):
+    """All an interrupted backfill says on stderr: one line, no traceback."""
+    return f"{history.PROG}: stopped by {signal.Signals(signal_number).name} before the history was complete\n"
+
+
+def test_sigterm_while_influxdb_is_retried_stops_within_docker_stops_grace_period():
+    with RecordingInfluxDB() as influxdb:
+        influxdb.refusing = True
+        process = subprocess.Popen([sys.executable, "payment_api.py", "backfill", "--days", "0.5", "--end", END,
+                                    "--influxdb"], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True, env={**os.environ, "INFLUXDB_URL": influxdb.url})
+        try:
+            eventually(lambda: influxdb.refused >= 1, timeout=30, message="a refused write")
+            process.send_signal(signal.SIGTERM)
+            _, errors = process.communicate(timeout=10)  # it does not wait for the retries (up to 2 minutes)
+        finally:
+            process.kill()
+    assert (process.returncode, errors) == (143, stopped_line(signal.SIGTERM))
+
+
 def test_points_influxdb_rejects_are_counted_and_the_command_fails():
     with RecordingInfluxDB() as server:
         server.error_status = 400  # a Bad Request, which influxdb-client does not retry
@@ -456,40 +476,53 @@ def test_the_families_are_joined_whole_in_order_with_or_without_a_kernel_copy(tm
     assert (tmp_path / "joined").read_bytes() == expected
 
 
+@pytest.mark.parametrize("to_the_group", [False, True], ids=["to the command", "to its workers too"])
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_an_interrupted_run_stops_quietly_and_leaves_no_file_behind(tmp_path, signal_number):
+def test_an_interrupted_run_stops_at_once_with_one_line_and_leaves_no_file_behind(tmp_path, signal_number,
+                                                                                  to_the_group):
     target = tmp_path / "big.om"
     process = subprocess.Popen([sys.executable, "payment_api.py", "backfill", "--days", "3", "--end", END,
-                                "--openmetrics", str(target)], cwd=HERE, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                                "--jobs", "2", "--openmetrics", str(target)], cwd=HERE, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         eventually(lambda: any(tmp_path.iterdir()), timeout=30, message="the backfill's temporary files")
         assert not target.exists()
-        process.send_signal(signal_number)  # at once: the first moments after the first file appears included
+        if to_the_group:  # as a terminal's Ctrl-C, or `timeout`, sends it
+            os.killpg(process.pid, signal_number)
+        else:  # at once: the first moments after the first file appears included
+            process.send_signal(signal_number)
         _, errors = process.communicate(timeout=30)
     finally:
-        process.kill()
-    assert process.returncode == 128 + signal_number
-    assert errors == ""  # no traceback
+        os.killpg(process.pid, signal.SIGKILL)
+    assert (process.returncode, errors) == (128 + signal_number, stopped_line(signal_number))
     assert list(tmp_path.iterdir()) == []
 
 
 def interrupted_after(function):
-    """`function`, then the exception a signal handler raises in the moment after it returns."""
+    """`function`, then what the signal handler raises for a SIGTERM arriving the moment after it returns."""
     def call_then_interrupt(*args, **kwargs):
         function(*args, **kwargs)
-        raise SystemExit(128 + signal.SIGTERM)
+        raise history.Interrupted(signal.SIGTERM)
     return call_then_interrupt
 
 
 @pytest.mark.parametrize("owner, name", [(os, "mkdir"), (history.OpenMetricsWriter, "add_sample"),
                                          (history, "append_file"), (os, "replace")],
                          ids=["parts folder made", "a sample written", "a family joined", "file renamed"])
-def test_an_interruption_at_any_step_leaves_only_a_complete_file(tmp_path, monkeypatch, owner, name):
-    monkeypatch.setattr(owner, name, interrupted_after(getattr(owner, name)))
+def test_an_interruption_at_any_step_leaves_only_a_complete_file(tmp_path, monkeypatch, capsys, owner, name):
+    calls = []
+    original = getattr(owner, name)
+
+    def recorded(*args):
+        calls.append(args)
+        return original(*args)
+    monkeypatch.setattr(owner, name, interrupted_after(recorded))
     target = tmp_path / "history.om"
-    with pytest.raises(SystemExit):
-        history.main(["--days", "0.01", "--end", END, "--jobs", "1", "--openmetrics", str(target)])
+    assert history.main(["--days", "0.01", "--end", END, "--jobs", "1", "--openmetrics", str(target)]) == 143
+    assert len(calls) == 1
+    if owner is os:  # the backfill's own call, not another one that happened to come first
+        assert os.path.dirname(calls[0][0]) == str(tmp_path)
+    assert capsys.readouterr().err == stopped_line(signal.SIGTERM)
     if name == "replace":  # the file was complete when the signal came
         assert [path.name for path in tmp_path.iterdir()] == ["history.om"]
         assert target.read_bytes().endswith(b"\n# EOF\n")
@@ -632,6 +665,9 @@ def test_compose_history_steps_write_both_stores_once_per_volume(make_app, tmp_p
         return subprocess.run(["sh", "-c", compose_script(service, tmp_path, app.url)], cwd=HERE, capture_output=True,
                               text=True, timeout=120, env={**os.environ, **env})
 
+    killed_run = tmp_path / "prometheus" / ".history.om.0123abcd.parts"  # what a SIGKILL leaves behind
+    killed_run.mkdir()
+    (killed_run / "payment_requests").write_text("payment_requests_total 1 1763618400\n")
     with RecordingInfluxDB() as influxdb:
         first = run("history", BACKFILL_DAYS="0.01", INFLUXDB_URL=influxdb.url)
         assert first.returncode == 0 and "0 not written" in first.stdout, first.stdout + first.stderr
@@ -642,5 +678,6 @@ def test_compose_history_steps_write_both_stores_once_per_volume(make_app, tmp_p
     assert "already written" in again.stdout, again.stdout + again.stderr
     assert sorted(path.name for path in (tmp_path / "prometheus").iterdir() if not path.is_dir()) == [
         "payment-api-history.done"]  # the file became blocks and is gone
-    assert any(path.is_dir() and len(path.name) == 26 for path in (tmp_path / "prometheus").iterdir())  # a ULID
+    folders = [path.name for path in (tmp_path / "prometheus").iterdir() if path.is_dir()]
+    assert len(folders) == 1 and re.fullmatch("[0-9A-HJKMNP-TV-Z]{26}", folders[0]), folders  # one block, a ULID
     assert run("history", BACKFILL_DAYS="0").stdout.startswith("history: off")
