@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -55,7 +56,7 @@ INCIDENT_KINDS = ("error_spike", "latency_degradation", "outage", "currency_outa
 INCIDENT_MINUTES = {"outage": (5, 10)}  # shortest and longest; the others run 15-30 minutes, long enough to alert
 INFLUXDB_BATCH_SIZE = 5000  # lines per write; InfluxData's recommended batch
 INFLUXDB_RETRIES = payment_api.InfluxExporter.RETRIES  # as the live export retries
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 # ---------------------------------------------------------------- options
 
@@ -85,7 +86,7 @@ def checked(kind, low, high, what):
 def parse_end(text):
     """ISO-8601 time (Z or an offset; no offset means UTC) as whole epoch seconds, not in the future."""
     try:
-        moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
+        moment = datetime.fromisoformat(re.sub("[Zz]$", "+00:00", text.strip()))  # Python 3.10 does not know Z
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an ISO-8601 UTC time like 2026-11-20T06:00:00Z, not {text!r}")
     if moment.tzinfo is None:
@@ -442,37 +443,89 @@ def chunk_starts(plan):
     return range(plan.start // plan.chunk_seconds * plan.chunk_seconds, plan.end, plan.chunk_seconds)
 
 
-def chunks_in_order(plan, workers, jobs):
-    """(chunk start, draw_chunk's result) for every chunk in time order; the workers keep a few chunks ahead."""
+def chunks_in_order(plan, workers):
+    """(chunk start, draw_chunk's result) for every chunk in time order; each worker keeps one chunk ahead."""
     starts = chunk_starts(plan)
     if workers is None:
         yield from ((start, draw_chunk(plan, start)) for start in starts)
         return
     waiting = deque()
-    for start in starts:
-        waiting.append((start, workers.apply_async(draw_chunk, (plan, start))))
-        if len(waiting) > jobs:  # bounded: a slow InfluxDB must not make results pile up here
-            chunk_start, result = waiting.popleft()
-            yield chunk_start, result.get()
+    for number, start in enumerate(starts):
+        workers.send(number, start)
+        waiting.append((number, start))
+        if len(waiting) > workers.jobs:  # bounded: a slow InfluxDB must not make results pile up here
+            number, chunk_start = waiting.popleft()
+            yield chunk_start, workers.receive(number)
     while waiting:
-        chunk_start, result = waiting.popleft()
-        yield chunk_start, result.get()
+        number, chunk_start = waiting.popleft()
+        yield chunk_start, workers.receive(number)
 
 
-def start_workers(jobs):
-    """`jobs` worker processes for draw_chunk that ignore SIGTERM and Ctrl-C: only this process stops them.
+class WorkerLost(Exception):
+    """A worker process ended before it answered."""
 
-    A terminal's Ctrl-C, and `timeout`'s SIGTERM, go to every process of the command; a worker killed while it
-    hands over a chunk would leave the pool's queues locked. A new interpreter (spawned, not forked from this one
-    and its threads) keeps ignoring what it was started ignoring. A worker ends when this process closes the
-    pool, or dies.
+
+class Workers:
+    """Processes that draw chunks: chunk number N goes to worker N % jobs through that worker's own pipe.
+
+    A worker answers its chunks in the order it gets them, so reading the answers in turn keeps them in time order.
+    Nothing is shared but the pipes: a worker that dies is an error here (not a hang), and a worker whose parent
+    died ends at its next read or write.
     """
-    handlers = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
-    try:  # a signal in the milliseconds it takes to start them is ignored too
-        return multiprocessing.get_context("spawn").Pool(jobs)
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
+
+    LOST = "a worker process ended before it answered (killed, or out of memory?)"
+
+    def __init__(self, plan, jobs):
+        self.plan = plan
+        self.jobs = jobs
+        self.processes = []  # start() creates them; stop() ends whatever it created
+        self.connections = []
+
+    def start(self):
+        context = multiprocessing.get_context("spawn")  # new interpreters, not forks of this one and its threads
+        # A terminal's Ctrl-C, a closed terminal's SIGHUP and `timeout`'s SIGTERM go to every process of the
+        # command. A process spawned while a signal is ignored keeps ignoring it, so only this one acts on them.
+        # One sent in the few milliseconds this takes is lost.
+        handlers = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
+        try:
+            for _ in range(self.jobs):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=draw_chunks, args=(self.plan, theirs))
+                self.processes.append(process)
+                process.start()
+                theirs.close()  # the worker's end lives in the worker: its death closes the pipe
+                self.connections.append(ours)
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+
+    def send(self, number, chunk_start):
+        try:
+            self.connections[number % self.jobs].send(chunk_start)
+        except OSError:  # its end of the pipe is closed
+            raise WorkerLost(self.LOST) from None
+
+    def receive(self, number):
+        try:
+            return self.connections[number % self.jobs].recv()
+        except (EOFError, OSError):
+            raise WorkerLost(self.LOST) from None
+
+    def stop(self):
+        """End the workers at once: they hold no file and nothing worth finishing."""
+        for process in self.processes:
+            if process.pid is not None:
+                process.kill()
+                process.join()
+
+
+def draw_chunks(plan, connection):
+    """A worker's loop: draw each chunk whose start it receives, and send the result back, until its parent goes."""
+    try:
+        while True:
+            connection.send(draw_chunk(plan, connection.recv()))
+    except (EOFError, BrokenPipeError):
+        pass
 
 # ---------------------------------------------------------------- OpenMetrics: one temporary file a family
 
@@ -731,9 +784,14 @@ class Interrupted(BaseException):
 
 
 def stop_on_signal(signal_number, _frame):
-    for number in STOP_SIGNALS:  # a second signal must not cut the clean-up short
-        signal.signal(number, signal.SIG_IGN)
+    ignore_stop_signals()
     raise Interrupted(signal_number)
+
+
+def ignore_stop_signals():
+    """From here on a signal cannot cut the clean-up short (it takes milliseconds); main() restores them."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def iso(epoch_seconds):
@@ -775,7 +833,7 @@ def main(argv):
     """Run the backfill; SIGTERM and Ctrl-C stop it with one line and 128 + the signal's number, as a shell does."""
     handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     for number, handler in handlers.items():
-        if handler is not signal.SIG_IGN:  # `nohup` and `command &` ignore SIGINT on purpose
+        if handler is not signal.SIG_IGN:  # ignored on purpose: SIGHUP under `nohup`, SIGINT for `command &`
             signal.signal(number, stop_on_signal)
     try:
         return backfill(argv)
@@ -784,6 +842,9 @@ def main(argv):
         print(f"{PROG}: stopped by {signal.Signals(number).name} before the history was complete", file=sys.stderr,
               flush=True)
         return 128 + number
+    except WorkerLost as error:
+        print(f"{PROG}: {error}", file=sys.stderr, flush=True)
+        return 1
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)
@@ -828,17 +889,18 @@ def run(plan, options):
     started = time.monotonic()
     target_labels = {**options.labels, "job": options.job, "instance": options.instance}
     writer = OpenMetricsWriter(options.openmetrics, plan, target_labels) if options.openmetrics else None
-    workers = influx = None
+    workers = Workers(plan, options.jobs) if options.jobs > 1 else None
+    influx = None
     payments, refunds, waiting_rows, next_sample = 0, 0, {}, 0
     try:
-        if options.jobs > 1:
-            workers = start_workers(options.jobs)
+        if workers:
+            workers.start()
         if writer:
             writer.open_parts()
         influx = InfluxWriter(plan.settings) if options.influxdb else None
         times = plan.sample_times()
         empty = [0] * RowLayout(plan.settings.currencies, plan.outcome_of_status).width
-        for chunk_start, (rows, bodies, chunk_payments, chunk_refunds) in chunks_in_order(plan, workers, options.jobs):
+        for chunk_start, (rows, bodies, chunk_payments, chunk_refunds) in chunks_in_order(plan, workers):
             payments += chunk_payments
             refunds += chunk_refunds
             for body in bodies:
@@ -866,8 +928,8 @@ def run(plan, options):
         print(f"{payments} payments and {refunds} refunds in {time.monotonic() - started:.1f} s", flush=True)
         return 1 if influx and influx.not_written else 0
     finally:  # after success, an error or an interruption; the last does not wait for InfluxDB's answers
+        ignore_stop_signals()
         if writer:
             writer.discard()  # all of it after an interruption, nothing after finish()
-        if workers:  # each worker finishes the chunks it was given (at most two, a second or less)
-            workers.close()
-            workers.join()
+        if workers:
+            workers.stop()

@@ -4,6 +4,7 @@ One day of history (5 payments/s, diurnal, incidents) is written once for the mo
 into blocks and to victoria-metrics through influxdb-client; a Prometheus started on those blocks answers the
 queries. The end is a fixed past time, so every run checks the same history.
 """
+import contextlib
 import json
 import math
 import os
@@ -476,26 +477,77 @@ def test_the_families_are_joined_whole_in_order_with_or_without_a_kernel_copy(tm
     assert (tmp_path / "joined").read_bytes() == expected
 
 
+def start_backfill_as_a_terminal_would(*args):
+    """`payment_api.py backfill ARGS` in a process group of its own, with no signal ignored (as a shell that
+    runs pytest in the background would have it), stderr piped."""
+    handlers = {number: signal.signal(number, signal.SIG_DFL) for number in history.STOP_SIGNALS}
+    try:
+        return subprocess.Popen([sys.executable, "payment_api.py", "backfill", *args], cwd=HERE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def end_group(process):
+    with contextlib.suppress(ProcessLookupError):  # nothing left of it, as it should be
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+
+
+def worker_pids(process):
+    """The pids of the backfill's worker processes (Linux: /proc)."""
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    return [int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+
+
 @pytest.mark.parametrize("to_the_group", [False, True], ids=["to the command", "to its workers too"])
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("signal_number", history.STOP_SIGNALS, ids=lambda number: signal.Signals(number).name)
 def test_an_interrupted_run_stops_at_once_with_one_line_and_leaves_no_file_behind(tmp_path, signal_number,
                                                                                   to_the_group):
     target = tmp_path / "big.om"
-    process = subprocess.Popen([sys.executable, "payment_api.py", "backfill", "--days", "3", "--end", END,
-                                "--jobs", "2", "--openmetrics", str(target)], cwd=HERE, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = start_backfill_as_a_terminal_would("--days", "3", "--end", END, "--jobs", "2",
+                                                 "--openmetrics", str(target))
     try:
         eventually(lambda: any(tmp_path.iterdir()), timeout=30, message="the backfill's temporary files")
         assert not target.exists()
-        if to_the_group:  # as a terminal's Ctrl-C, or `timeout`, sends it
+        if to_the_group:  # as a terminal's Ctrl-C or SIGHUP, or `timeout`, sends it
             os.killpg(process.pid, signal_number)
         else:  # at once: the first moments after the first file appears included
             process.send_signal(signal_number)
         _, errors = process.communicate(timeout=30)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        end_group(process)
     assert (process.returncode, errors) == (128 + signal_number, stopped_line(signal_number))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_worker_ends_the_run_with_one_line_and_a_killed_command_ends_its_workers(tmp_path):
+    process = start_backfill_as_a_terminal_would("--days", "3", "--end", END, "--jobs", "2",
+                                                 "--openmetrics", str(tmp_path / "one.om"))
+    try:
+        workers = eventually(lambda: len(worker_pids(process)) == 2 and worker_pids(process), timeout=30,
+                             message="two workers")
+        os.kill(workers[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        _, errors = process.communicate(timeout=30)
+    finally:
+        end_group(process)
+    assert (process.returncode, errors) == (1, f"{history.PROG}: a worker process ended before it answered "
+                                               "(killed, or out of memory?)\n")
+    assert list(tmp_path.iterdir()) == []
+
+    process = start_backfill_as_a_terminal_would("--days", "3", "--end", END, "--jobs", "2",
+                                                 "--openmetrics", str(tmp_path / "two.om"))
+    try:
+        workers = eventually(lambda: len(worker_pids(process)) == 2 and worker_pids(process), timeout=30,
+                             message="two workers")
+        process.kill()  # nothing can clean up after a SIGKILL, but the workers must not outlive it
+        process.wait(30)
+        eventually(lambda: not any(Path(f"/proc/{pid}").exists() and "spawn_main" in
+                                   Path(f"/proc/{pid}/cmdline").read_text() for pid in workers),
+                   timeout=30, message="the workers gone")
+    finally:
+        end_group(process)
 
 
 def interrupted_after(function):
