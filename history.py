@@ -517,6 +517,8 @@ class Workers:
             if process.pid is not None:
                 process.kill()
                 process.join()
+        for connection in self.connections:
+            connection.close()
 
 
 def draw_chunks(plan, connection):
@@ -780,7 +782,7 @@ class InfluxWriter:
 
 
 class Interrupted(BaseException):
-    """SIGTERM or Ctrl-C arrived: the run stops where it is, and its clean-up runs on the way out."""
+    """A stop signal (SIGTERM, Ctrl-C, SIGHUP) arrived: the run stops where it is; its clean-up runs on the way out."""
 
 
 def stop_on_signal(signal_number, _frame):
@@ -830,7 +832,7 @@ def check_outputs(options, settings):
 
 
 def main(argv):
-    """Run the backfill; SIGTERM and Ctrl-C stop it with one line and 128 + the signal's number, as a shell does."""
+    """Run the backfill; a stop signal ends it with one line and exit code 128 + its number, as a shell reports it."""
     handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
     for number, handler in handlers.items():
         if handler is not signal.SIG_IGN:  # ignored on purpose: SIGHUP under `nohup`, SIGINT for `command &`
