@@ -50,6 +50,44 @@ def backfill(*args, env=None, check=True, timeout=120):
     return result
 
 
+def start_backfill_as_a_terminal_would(*args, env=None):
+    """`payment_api.py backfill ARGS` in a process group of its own, with no signal ignored (as a shell that
+    runs pytest in the background would have it), stderr piped."""
+    handlers = {number: signal.signal(number, signal.SIG_DFL) for number in history.STOP_SIGNALS}
+    try:
+        return subprocess.Popen([sys.executable, "payment_api.py", "backfill", *args], cwd=HERE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def end_group(process):
+    with contextlib.suppress(ProcessLookupError):  # nothing left of it, as it should be
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+
+
+def is_worker(pid):
+    """True while `pid` is a running backfill worker (Linux: /proc; a zombie's command line is empty)."""
+    try:
+        return "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def worker_pids(process):
+    """The pids of the backfill's worker processes."""
+    return [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            if is_worker(pid)]
+
+
+def stopped_line(signal_number):
+    """All an interrupted backfill says on stderr: one line, no traceback."""
+    return f"{history.PROG}: stopped by {signal.Signals(signal_number).name} before the history was complete\n"
+
+
 PROMTOOL_BLOCKS = "--max-block-duration=87600h"  # one block: promtool reads the file once more per block
 
 
@@ -347,23 +385,17 @@ def test_influxdb_unreachable_for_a_while_is_retried_and_nothing_is_lost(tmp_pat
     assert written == len(influxdb.lines()) > 100
 
 
-def stopped_line(signal_number):
-    """All an interrupted backfill says on stderr: one line, no traceback."""
-    return f"{history.PROG}: stopped by {signal.Signals(signal_number).name} before the history was complete\n"
-
-
 def test_sigterm_while_influxdb_is_retried_stops_within_docker_stops_grace_period():
     with RecordingInfluxDB() as influxdb:
         influxdb.refusing = True
-        process = subprocess.Popen([sys.executable, "payment_api.py", "backfill", "--days", "0.5", "--end", END,
-                                    "--influxdb"], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   text=True, env={**os.environ, "INFLUXDB_URL": influxdb.url})
+        process = start_backfill_as_a_terminal_would("--days", "0.5", "--end", END, "--influxdb",
+                                                     env={"INFLUXDB_URL": influxdb.url})
         try:
             eventually(lambda: influxdb.refused >= 1, timeout=30, message="a refused write")
             process.send_signal(signal.SIGTERM)
             _, errors = process.communicate(timeout=10)  # it does not wait for the retries (up to 2 minutes)
         finally:
-            process.kill()
+            end_group(process)
     assert (process.returncode, errors) == (143, stopped_line(signal.SIGTERM))
 
 
@@ -477,30 +509,6 @@ def test_the_families_are_joined_whole_in_order_with_or_without_a_kernel_copy(tm
     assert (tmp_path / "joined").read_bytes() == expected
 
 
-def start_backfill_as_a_terminal_would(*args):
-    """`payment_api.py backfill ARGS` in a process group of its own, with no signal ignored (as a shell that
-    runs pytest in the background would have it), stderr piped."""
-    handlers = {number: signal.signal(number, signal.SIG_DFL) for number in history.STOP_SIGNALS}
-    try:
-        return subprocess.Popen([sys.executable, "payment_api.py", "backfill", *args], cwd=HERE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
-
-
-def end_group(process):
-    with contextlib.suppress(ProcessLookupError):  # nothing left of it, as it should be
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(30)
-
-
-def worker_pids(process):
-    """The pids of the backfill's worker processes (Linux: /proc)."""
-    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-    return [int(pid) for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
-
-
 @pytest.mark.parametrize("to_the_group", [False, True], ids=["to the command", "to its workers too"])
 @pytest.mark.parametrize("signal_number", history.STOP_SIGNALS, ids=lambda number: signal.Signals(number).name)
 def test_an_interrupted_run_stops_at_once_with_one_line_and_leaves_no_file_behind(tmp_path, signal_number,
@@ -543,9 +551,7 @@ def test_a_killed_worker_ends_the_run_with_one_line_and_a_killed_command_ends_it
                              message="two workers")
         process.kill()  # nothing can clean up after a SIGKILL, but the workers must not outlive it
         process.wait(30)
-        eventually(lambda: not any(Path(f"/proc/{pid}").exists() and "spawn_main" in
-                                   Path(f"/proc/{pid}/cmdline").read_text() for pid in workers),
-                   timeout=30, message="the workers gone")
+        eventually(lambda: not any(map(is_worker, workers)), timeout=30, message="the workers gone")
     finally:
         end_group(process)
 
