@@ -525,7 +525,7 @@ def draw_chunks(plan, connection):
     try:
         while True:
             connection.send(draw_chunk(plan, connection.recv()))
-    except (EOFError, BrokenPipeError):
+    except (EOFError, OSError):  # the parent closed its end, or died
         pass
 
 # ---------------------------------------------------------------- OpenMetrics: one temporary file a family
