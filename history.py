@@ -461,7 +461,10 @@ def chunks_in_order(plan, workers):
 
 
 class WorkerLost(Exception):
-    """A worker process ended before it answered."""
+    """A worker process ended before it answered; the run cannot be complete."""
+
+    def __init__(self):
+        super().__init__("a worker process ended before it answered (killed, or out of memory?)")
 
 
 class Workers:
@@ -471,8 +474,6 @@ class Workers:
     Nothing is shared but the pipes: a worker that dies is an error here (not a hang), and a worker whose parent
     died ends at its next read or write.
     """
-
-    LOST = "a worker process ended before it answered (killed, or out of memory?)"
 
     def __init__(self, plan, jobs):
         self.plan = plan
@@ -485,8 +486,7 @@ class Workers:
         # A terminal's Ctrl-C, a closed terminal's SIGHUP and `timeout`'s SIGTERM go to every process of the
         # command. A process spawned while a signal is ignored keeps ignoring it, so only this one acts on them.
         # One sent in the few milliseconds this takes is lost.
-        handlers = {number: signal.signal(number, signal.SIG_IGN) for number in STOP_SIGNALS}
-        try:
+        with stop_signals_set_to(signal.SIG_IGN):
             for _ in range(self.jobs):
                 ours, theirs = context.Pipe()
                 process = context.Process(target=draw_chunks, args=(self.plan, theirs))
@@ -494,21 +494,18 @@ class Workers:
                 process.start()
                 theirs.close()  # the worker's end lives in the worker: its death closes the pipe
                 self.connections.append(ours)
-        finally:
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
 
     def send(self, number, chunk_start):
         try:
             self.connections[number % self.jobs].send(chunk_start)
         except OSError:  # its end of the pipe is closed
-            raise WorkerLost(self.LOST) from None
+            raise WorkerLost() from None
 
     def receive(self, number):
         try:
             return self.connections[number % self.jobs].recv()
         except (EOFError, OSError):
-            raise WorkerLost(self.LOST) from None
+            raise WorkerLost() from None
 
     def stop(self):
         """End the workers at once: they hold no file and nothing worth finishing."""
@@ -787,6 +784,17 @@ class Interrupted(BaseException):
 def stop_on_signal(signal_number, _frame):
     ignore_stop_signals()
     raise Interrupted(signal_number)
+
+
+@contextlib.contextmanager
+def stop_signals_set_to(disposition):
+    """Within the block the stop signals get `disposition` (SIG_IGN, SIG_DFL or a handler); after it, what they had."""
+    previous = {number: signal.signal(number, disposition) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def ignore_stop_signals():

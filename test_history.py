@@ -53,14 +53,10 @@ def backfill(*args, env=None, check=True, timeout=120):
 def start_backfill_as_a_terminal_would(*args, env=None):
     """`payment_api.py backfill ARGS` in a process group of its own, with no signal ignored (as a shell that
     runs pytest in the background would have it), stderr piped."""
-    handlers = {number: signal.signal(number, signal.SIG_DFL) for number in history.STOP_SIGNALS}
-    try:
+    with history.stop_signals_set_to(signal.SIG_DFL):
         return subprocess.Popen([sys.executable, "payment_api.py", "backfill", *args], cwd=HERE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env={**os.environ, **(env or {})})
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
 
 
 def end_group(process):
