@@ -221,11 +221,19 @@ def report(query, result):
     return "\n".join(lines)
 
 
-def test_flux_queries_are_found_in_the_dashboard_and_the_readme_and_nowhere_else():
+def test_flux_queries_are_found_in_the_dashboard_the_readme_and_the_docs_and_nowhere_else():
     assert sum(name.startswith("grafana/") for name in SHIPPED) >= 4, sorted(SHIPPED)
     assert any(name.startswith("README.md:") for name in SHIPPED), sorted(SHIPPED)
+    assert any(name.startswith("docs/") for name in SHIPPED), sorted(SHIPPED)
     assert not STRAY, ("Flux-looking text where no Flux query is looked for: put dashboard queries in a target"
                        " of an InfluxDB (Flux) data source, and label Markdown blocks ```flux", STRAY)
+
+
+def test_every_flux_block_of_the_readme_and_the_docs_is_checked():
+    for path in [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]:
+        name = path.relative_to(HERE).as_posix()
+        lines = [line for line, info, _ in fenced_blocks(path.read_text()) if info == "flux"]
+        assert all(f"{name}:{line}" in SHIPPED for line in lines), (name, lines, sorted(SHIPPED))
 
 
 @pytest.mark.parametrize("where", sorted(SHIPPED))
