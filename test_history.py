@@ -5,6 +5,7 @@ into blocks and to victoria-metrics through influxdb-client; a Prometheus starte
 queries. The end is a fixed past time, so every run checks the same history.
 """
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import time
 import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -424,9 +426,28 @@ def a_plan(currencies=("EUR", "USD", "GBP"), incidents=(), rate=5.0):
                         outcome_of_status=history.outcome_labels(settings))
 
 
+def plain_request(rng, currencies):
+    """A PaymentRequest drawn the plain way from payment_api's tables, as history.draw_request_fields draws it
+    fast: a weighted currency; one weighted choice among the combinations of type, amount band and method (they are
+    independent, so a combination weighs the product of their weights); a log-uniform amount in the band; a customer,
+    returning or from the whole pool."""
+    currency, = rng.choices(currencies, [payment_api.CURRENCY_WEIGHTS.get(code, 10) for code in currencies])
+    combinations = list(itertools.product(zip(payment_api.PAYMENT_TYPES, payment_api.TYPE_WEIGHTS),
+                                          payment_api.AMOUNT_BANDS,
+                                          zip(payment_api.PAYMENT_METHODS, payment_api.METHOD_WEIGHTS)))
+    weights = [type_weight * share * method_weight
+               for (_, type_weight), (share, _, _), (_, method_weight) in combinations]
+    ((payment_type, _), (_, low, high), (method, _)), = rng.choices(combinations, weights)
+    amount = math.exp(math.log(low) + math.log(high / low) * rng.random())
+    returning = rng.random() < payment_api.RETURNING_SHARE
+    pool = payment_api.RETURNING_CUSTOMERS if returning else payment_api.CUSTOMER_POOL
+    customer_id = payment_api.CUSTOMER_IDS[int(rng.random() * pool)]
+    return payment_api.PaymentRequest(Decimal(f"{amount:.2f}"), currency, payment_type, customer_id, method)
+
+
 def points_as_the_live_export_writes_them(plan, chunk_start):
-    """The lines of draw_chunk's payments, drawn and written only with payment_api's own PaymentRequest, Payment,
-    Refund, payment_line and refund_line: the slow way draw_chunk must agree with."""
+    """The lines of draw_chunk's payments, drawn plainly (plain_request) and written only with payment_api's own
+    PaymentRequest, Payment, Refund, payment_line and refund_line: the slow way draw_chunk must agree with."""
     rng = random.Random(f"payment-api history {plan.seed} {chunk_start}")
     refund_rng = random.Random(f"payment-api refunds {plan.seed} {chunk_start}")
     chunk_end = min(chunk_start + plan.chunk_seconds, plan.end)
@@ -435,7 +456,7 @@ def points_as_the_live_export_writes_them(plan, chunk_start):
     while arrival < chunk_end:
         second = math.floor(arrival)  # the rate and the effects of the arrival's whole second
         effects = plan.effects_at(second)
-        request = payment_api.draw_request(rng, plan.settings.currencies)
+        request = plain_request(rng, plan.settings.currencies)
         status, processing_time, _ = payment_api.draw_outcome(rng, request, plan.settings, effects)
         completed = arrival + processing_time
         if plan.start <= arrival and completed <= plan.end:
@@ -451,19 +472,49 @@ def points_as_the_live_export_writes_them(plan, chunk_start):
 
 
 @pytest.mark.parametrize("currencies", [("EUR", "USD", "GBP"), ("USD",), ("JPY", "EUR", "CHF", "USD", "GBP")])
-def test_request_fields_are_the_requests_payment_api_draws(currencies):
+def test_request_fields_are_the_requests_drawn_plainly_from_payment_apis_tables(currencies):
     drawn, mirrored = random.Random(SEED), random.Random(SEED)
     for _ in range(20_000):
-        request = payment_api.draw_request(drawn, currencies)
-        fields = payment_api.draw_request_fields(mirrored, currencies)
+        request = plain_request(drawn, currencies)
+        fields = history.draw_request_fields(mirrored, currencies)
         assert fields == (float(request.amount), request.currency, request.type, request.customer_id,
                           request.method)
     assert drawn.getstate() == mirrored.getstate()
 
 
+def test_the_history_draws_the_mix_of_the_live_simulator():
+    """history.draw_request_fields and payment_api.draw_request use the random numbers differently, so they draw
+    other payments; the shares of currencies, types, methods, amount bands and returning customers are the same,
+    and so are the shares of one among the payments of another (knowing one tells nothing about the others)."""
+    currencies = ("EUR", "USD", "GBP", "JPY")
+    fast, live = random.Random(SEED), random.Random(SEED)
+    history_draws = [history.draw_request_fields(fast, currencies) for _ in range(60_000)]
+    live_draws = [(float(request.amount), request.currency, request.type, request.customer_id, request.method)
+                  for request in (payment_api.draw_request(live, currencies) for _ in range(60_000))]
+
+    def band(amount):
+        return next(number for number, (_, _, high) in enumerate(payment_api.AMOUNT_BANDS) if amount <= high)
+
+    def mix(draws):
+        """{what: its share} of a list of draws."""
+        counted = {}
+        for amount, currency, payment_type, customer_id, method in draws:
+            returning = customer_id in payment_api.CUSTOMER_IDS[:payment_api.RETURNING_CUSTOMERS]
+            for what in (currency, payment_type, method, f"band {band(amount)}", f"returning {returning}",
+                         f"{payment_type} by {method}", f"band {band(amount)} {payment_type}"):
+                counted[what] = counted.get(what, 0) + 1
+        return {what: count / len(draws) for what, count in counted.items()}
+
+    expected = mix(live_draws)
+    assert mix(history_draws) == pytest.approx(expected, abs=0.01)
+    assert len(expected) == 4 + 3 + 3 + 3 + 2 + 9 + 9, sorted(expected)
+    amounts = sorted(amount for amount, *_ in history_draws)
+    assert amounts[0] >= 10 and amounts[-1] <= 6000
+
+
 @pytest.mark.parametrize("scenario, chunk", [*((scenario, 10) for scenario in (None, *payment_api.SCENARIOS)),
                                              (None, 0), (None, -1)], ids=lambda value: str(value))
-def test_points_are_the_lines_of_the_live_export_for_the_payments_payment_api_draws(scenario, chunk):
+def test_points_are_the_lines_of_the_live_export_for_the_same_payments(scenario, chunk):
     """Chunk 0 begins before the history, the last one is cut short by its end."""
     plan = a_plan()
     chunk_start = history.chunk_starts(plan)[chunk]
@@ -486,6 +537,20 @@ def test_the_same_seed_gives_byte_identical_files_whatever_the_number_of_workers
     assert (tmp_path / "other.om").read_bytes() != (tmp_path / "one.om").read_bytes()
     assert (tmp_path / "one.om").read_text().endswith("# EOF\n")
     assert re.search(r"^payment_refunds_total\{.*\} [1-9]", (tmp_path / "one.om").read_text(), re.MULTILINE)
+
+
+def test_history_py_run_on_its_own_is_the_backfill_command(tmp_path):
+    """`payment_api.py backfill` hands over to `python history.py`, which runs from any folder, with workers."""
+    common = ("--days", "0.02", "--end", END, "--rate", "20", "--jobs", "2")
+    backfill(*common, "--openmetrics", str(tmp_path / "through.om"))
+    alone = [sys.executable, str(HERE / "history.py"), *common]
+    result = subprocess.run([*alone, "--openmetrics", "alone.om"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "alone.om").read_bytes() == (tmp_path / "through.om").read_bytes()
+    refused = subprocess.run([*alone, "--step", "7"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (refused.returncode, refused.stderr) == (2, backfill("--step", "7", check=False).stderr)
+    assert refused.stderr.startswith(f"{history.PROG}: argument --step: ") and refused.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "through Python"])
@@ -694,7 +759,8 @@ def test_compose_backfills_before_prometheus_starts_with_only_the_variables_the_
 
 
 def test_trainers_make_blocks_with_the_promtool_command_the_tests_run():
-    documented = re.findall(r"promtool tsdb create-blocks-from openmetrics (\S+)", (HERE / "README.md").read_text())
+    docs = "".join(path.read_text() for path in [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))])
+    documented = re.findall(r"promtool tsdb create-blocks-from openmetrics (\S+)", docs)
     in_compose = re.findall(r"promtool tsdb create-blocks-from openmetrics (\S+)",
                             compose()["services"]["prometheus-history"]["command"][0])
     assert documented == in_compose == [PROMTOOL_BLOCKS]
