@@ -408,7 +408,7 @@ def test_fault_headers_force_a_failure_or_a_delay(app):
 
 def test_processing_time_is_long_tailed_with_p95_under_the_slo():
     import random
-    processor = payment_api.PaymentProcessor(payment_api.Settings(), None, _Null(), None, None, _NoScenarios(), float,
+    processor = payment_api.PaymentProcessor(payment_api.Settings(), None, _Null(), None, None, float,
                                              payment_api.DisabledTracer("not traced"))
     rng = random.Random(1)
     requests = [payment_api.PaymentRequest(1, "USD", kind, "c")
@@ -422,10 +422,6 @@ class _Null:
     def __getattr__(self, name):
         return lambda *args: None
 
-
-class _NoScenarios:
-    def effects(self):
-        return payment_api.Effects()
 
 # ---------------------------------------------------------------- concurrency and shutdown
 
@@ -587,10 +583,10 @@ def test_simulated_traffic_has_the_documented_mix():
 
 
 def test_request_type_amount_band_and_method_follow_their_weights_independently():
-    """They come from one weighted pick among their combinations: each must still have its own shares, and
-    knowing one must tell nothing about the others."""
+    """Each has its own shares, and knowing one tells nothing about the others."""
     rng = random.Random(7)
-    draws = [payment_api.draw_request_fields(rng, ("EUR", "USD", "GBP")) for _ in range(60_000)]
+    requests = [payment_api.draw_request(rng, ("EUR", "USD", "GBP")) for _ in range(60_000)]
+    draws = [(float(r.amount), r.currency, r.type, r.customer_id, r.method) for r in requests]
 
     def band(amount):
         return next(number for number, (_, low, high) in enumerate(payment_api.AMOUNT_BANDS) if amount <= high)
@@ -848,7 +844,7 @@ def test_a_payment_log_line_in_text_format_keeps_its_ids_as_plain_values():
                                   0.1, 500, 0.0, trace=payment_api.trace_context(()),
                                   steps=(payment_api.Step("bank_authorization", 0.1, "bank gateway error"),))
     record = logging.LogRecord("payment_api", logging.INFO, "", 0, "payment", (), None)
-    record.fields = payment.log_fields()
+    record.fields = payment_api.log_fields(payment)
     line = payment_api.LogFormatter("text").format(record)
     assert f" payment trace_id={payment.trace.trace_id} " in line and ' reason="bank gateway error"' in line
 
