@@ -39,7 +39,6 @@ import math
 import os
 import random
 import re
-import secrets
 import select
 import selectors
 import signal
@@ -52,6 +51,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
@@ -333,8 +333,8 @@ def parse_json(body):
         raise MalformedBody("body is not valid JSON") from None
 
 
-@dataclass(frozen=True)
-class PaymentRequest:
+class PaymentRequest(NamedTuple):
+    """What a client (or the simulator) asks for: validated, never changed."""
     amount: Decimal
     currency: str
     type: str
@@ -460,7 +460,7 @@ def read_fault(headers):
 TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TraceContext:
     """Where a payment sits in a distributed trace: the ids of its answer, log line and spans."""
     trace_id: str  # 32 hex digits
@@ -487,15 +487,20 @@ def trace_context(traceparent_headers):
         if valid:
             sampled = bool(int(flags, 16) & 1)
             return TraceContext(trace_id, new_span_id(), parent_span_id, sampled=sampled)
-    return TraceContext(secrets.token_hex(16), new_span_id())
+    return TraceContext(random_id(128), new_span_id())
 
 
 def new_span_id():
-    return secrets.token_hex(8)
+    return random_id(64)
 
 
-@dataclass(frozen=True)
-class Step:
+def random_id(bits):
+    """`bits` random bits in hex, as OpenTelemetry's own id generator draws them: ids must be
+    unique, not secret, and every payment draws three (no system call for each)."""
+    return f"{random.getrandbits(bits):0{bits // 4}x}"
+
+
+class Step(NamedTuple):
     """One step of processing a payment, a span of its trace: validation, fraud_check or
     bank_authorization."""
     name: str
@@ -503,7 +508,7 @@ class Step:
     error: str = None  # why it failed, on the step that failed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Refund:
     """Money returned to the customer for (part of) a completed payment."""
     refund_id: str
@@ -520,7 +525,7 @@ PAYMENT_OUTCOME = {200: "success", 402: "declined"}  # any other: failed
 OUTAGE_REASON = "payment service unavailable (outage scenario)"
 
 
-@dataclass
+@dataclass(slots=True)
 class Payment:
     """One payment from arrival to completion: the store, the metrics, InfluxDB, the log and
     the trace all see this object."""
@@ -648,7 +653,7 @@ class PaymentProcessor:
                                  self.settings.currencies)
         self.stats.record_start()
         trace = self.tracer.sample(trace or trace_context(()), source)  # recorded or not
-        return Payment(f"pay_{secrets.token_hex(8)}", request, source, processing_time, status,
+        return Payment(f"pay_{random_id(64)}", request, source, processing_time, status,
                        decline_code=decline_code, trace=trace, steps=steps)
 
     def finish(self, payment):
@@ -672,7 +677,7 @@ class PaymentProcessor:
     def refund(self, payment_id, amount, source):
         """Refund `amount` (None: all that remains) of a completed payment."""
         def make_refund(payment, refund_amount):
-            return Refund(f"re_{secrets.token_hex(8)}", payment.payment_id, refund_amount,
+            return Refund(f"re_{random_id(64)}", payment.payment_id, refund_amount,
                           payment.request.currency, source, self._clock())
         refund, payment = self.store.refund(payment_id, amount, make_refund)
         self.metrics.record_refund(refund)
@@ -790,6 +795,7 @@ class PaymentStats:
         self._revenue_total = dict.fromkeys(currencies, Decimal(0))
         self._refunded_total = dict.fromkeys(currencies, Decimal(0))
         self._day = None
+        self._next_day_at = -math.inf  # when today's revenue starts again from 0
         self._daily_revenue = {}
         # second -> [completed, failed, declined], for the last ACTIVITY_SECONDS
         self._recent = {}
@@ -832,10 +838,12 @@ class PaymentStats:
             self._refunded_total[refund.currency] += refund.amount
 
     def _roll_day(self, now):
-        day = datetime.fromtimestamp(now, timezone.utc).date()
-        if self._day is None or day > self._day:  # never back: 23:59:59's late payment stays
-            self._day = day
-            self._daily_revenue = dict.fromkeys(self.currencies, Decimal(0))
+        """Start a new day's revenue at 00:00 UTC; never back: 23:59:59's late payment stays."""
+        if now < self._next_day_at:
+            return
+        self._day = datetime.fromtimestamp(now, timezone.utc).date()
+        self._next_day_at = (now // 86400 + 1) * 86400  # the next midnight, UTC
+        self._daily_revenue = dict.fromkeys(self.currencies, Decimal(0))
 
     def daily_revenue(self):
         with self._lock:
@@ -858,6 +866,7 @@ class PaymentMetrics:
 
     def __init__(self, currencies, stats, scenarios):
         self.registry = registry = CollectorRegistry()
+        self._series = {}  # (HTTP status, type, currency) -> a payment's three series
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=registry)
         self.requests = Counter(
@@ -883,11 +892,23 @@ class PaymentMetrics:
         exemplar = None
         if payment.trace and payment.trace.sampled:
             exemplar = {"trace_id": payment.trace.trace_id}
-        requests = self.requests.labels("POST", str(payment.http_status), request.type,
-                                        request.currency)
+        requests, amount, duration = self.payment_series(payment)
         requests.inc(exemplar=exemplar)
-        self.amount.labels(request.currency, payment.outcome).observe(float(request.amount))
-        self.duration.labels(payment.outcome).observe(payment.processing_time, exemplar)
+        amount.observe(float(request.amount))
+        duration.observe(payment.processing_time, exemplar)
+
+    def payment_series(self, payment):
+        """The three series a payment counts in, looked up once for each kind of payment."""
+        request = payment.request
+        key = (payment.http_status, request.type, request.currency)
+        series = self._series.get(key)
+        if series is None:  # a bounded set: every label value is a validated one
+            series = (self.requests.labels("POST", str(payment.http_status), request.type,
+                                           request.currency),
+                      self.amount.labels(request.currency, payment.outcome),
+                      self.duration.labels(payment.outcome))
+            self._series[key] = series
+        return series
 
     def add_gauges(self, stats, scenarios):
         """Gauges read from the app when Prometheus scrapes."""
@@ -2776,6 +2797,13 @@ QUIET_LOGGERS = ("influxdb_client", "urllib3", "reactivex", "opentelemetry")
 
 
 def configure_logging(settings):
+    """Events as lines on stdout. The log line of every payment is the service's busiest
+    work: what no line shows (the caller's file and line, thread and process names) is not
+    looked up, as the logging HOWTO's "Optimization" section suggests."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(LogFormatter(settings.log_format))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
