@@ -1907,25 +1907,28 @@ class ConnectionGuards:
 
     def parse_request(self):
         """The stdlib's parsing, then framing checked and the body's deadline set."""
-        started = time.monotonic()
         if not super().parse_request():
             return False
         error = framing_error(self.headers)
         if error is not None:
-            self.status = None
-            self.trace = None
-            lengths = self.headers.get_all("Content-Length", [])
-            self.body_unread = ("Transfer-Encoding" in self.headers
-                                or any(length != "0" for length in lengths))
-            self.send_client_error(error)
-            self.log_access(urlsplit(self.path).path, started)
+            self.refuse(error)
             return False
-        length = self.headers.get("Content-Length", "0")
-        if WHOLE_NUMBER.fullmatch(length) and int(length) <= MAX_BODY_BYTES:
+        length = self.headers.get("Content-Length")
+        if length and WHOLE_NUMBER.fullmatch(length) and int(length) <= MAX_BODY_BYTES:
             self.reader.expect_body(int(length))
         self.in_progress = self.server.app.in_progress  # a stop waits for it to be answered
         self.in_progress.change(+1)
         return True
+
+    def refuse(self, error):
+        """Answer a request whose body cannot be framed, and log it as dispatch() would."""
+        self.status = None
+        self.trace = None
+        lengths = self.headers.get_all("Content-Length", [])
+        self.body_unread = ("Transfer-Encoding" in self.headers
+                            or any(length != "0" for length in lengths))
+        self.send_client_error(error)
+        self.log_access(urlsplit(self.path).path, time.monotonic())
 
     def finish(self):
         """Closing with a body unread (a 413, a 400): read it away briefly, so the client sees
