@@ -191,7 +191,8 @@ def payment_lines(run_service):
     """{"completed": line, "failed": line} that `python payment_api.py` wrote on stdout, as Alloy reads it, for two
     API payments; the completed one was sent with a traceparent."""
     service = run_service(LOG_FORMAT="json", LOG_PAYMENTS="true", ENABLE_SIMULATION="false", INFLUXDB_URL="",
-                          PAYMENT_LATENCY_SCALE="0", OTEL_EXPORTER_OTLP_ENDPOINT="")
+                          PAYMENT_LATENCY_SCALE="0", OTEL_EXPORTER_OTLP_ENDPOINT="",
+                          PAYMENT_FAILURE_RATE="0", PAYMENT_DECLINE_RATE="0")  # only the asked-for failure
     body = {"amount": 12.34, "currency": "EUR", "type": "standard"}
     completed = http("POST", service.url + "/api/payments", body, {"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"})
     failed = http("POST", service.url + "/api/payments", body, {"X-Simulate-Failure": "true"})
