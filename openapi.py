@@ -1,31 +1,36 @@
 """The OpenAPI 3.1 description of payment-api, served at GET /openapi.json.
 
 An optional extra beside payment_api.py, imported only when the document is asked for. It walks
-PaymentHandler.ROUTES and builds every schema from the tables the service validates with (currencies,
-payment types and methods, amount bounds, scenarios, profiles, test cards, error statuses), so the
-document says what this very service accepts and answers, and cannot drift from it.
+PaymentHandler.ROUTES and builds every schema from the tables the service validates with
+(currencies, payment types and methods, amount bounds, scenarios, profiles, test cards, error
+statuses), so the document says what this very service accepts and answers, and cannot drift.
+
+It never imports payment_api: the running module is passed in as `api` (document(settings,
+api)), so serving the document loads nothing a second time and no import cycle exists.
 """
 import json
 import random
 import re
 from decimal import Decimal
 
-import payment_api as api
-
 EXAMPLE_TIME = 1_795_694_400.118  # 2026-11-26T12:00:00.118Z, the moment every example happens
-EXAMPLE_TRACE = api.TraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+
+
+def example_trace(api):
+    return api.TraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
 
 # ---------------------------------------------------------------- the document
 
 
-def document(settings):
-    """The OpenAPI document (a dict, ready for json.dumps) of the service running with `settings`."""
+def document(settings, api):
+    """The OpenAPI document (a dict, ready for json.dumps) of the service running with
+    `settings`; `api` is the payment_api module that runs it."""
     paths = {}
     for method, pattern, handler, needs_admin in api.PaymentHandler.ROUTES:
         path, path_names = path_template(pattern)
         describe = OPERATIONS.get(handler, undescribed)
-        operation = {"operationId": handler, **describe(settings)}
-        parameters = [path_parameter(name, settings) for name in path_names] + operation.get("parameters", [])
+        operation = {"operationId": handler, **describe(api, settings)}
+        parameters = [path_parameter(api, name, settings) for name in path_names] + operation.get("parameters", [])
         if parameters:
             operation["parameters"] = parameters
         if needs_admin and settings.admin_token:
@@ -33,25 +38,26 @@ def document(settings):
             operation["responses"]["401"] = {"$ref": "#/components/responses/Unauthorized"}
         responses = operation["responses"]
         responses.setdefault("400", {"$ref": "#/components/responses/BadRequest"})  # framing, on every route
-        if (method, path) not in OVERFLOW_ANSWERS:
+        if (method, path) not in overflow_answers(api):
             responses.setdefault("503", {"$ref": "#/components/responses/TooManyConnections"})
         operation["responses"] = dict(sorted(responses.items()))
         paths.setdefault(path, {})[method.lower()] = operation
     return {
         "openapi": "3.1.0",
-        "info": {"title": "payment-api", "version": api.VERSION, "description": INTRODUCTION},
+        "info": {"title": "payment-api", "version": api.VERSION, "description": introduction(api)},
         "servers": [{"url": "/", "description": "this service"}],
         "tags": [{"name": name, "description": text} for name, text in TAGS.items()],
         "paths": paths,
-        "components": {"schemas": schemas(settings), "responses": shared_responses(),
-                       "parameters": header_parameters(), "headers": SHARED_HEADERS,
+        "components": {"schemas": schemas(api, settings), "responses": shared_responses(api),
+                       "parameters": header_parameters(api), "headers": SHARED_HEADERS,
                        "securitySchemes": {"adminToken": {
                            "type": "http", "scheme": "bearer",
                            "description": "ADMIN_TOKEN of the service; only when it is set"}}},
     }
 
 
-INTRODUCTION = f"""A mock payment service for Grafana, Prometheus and InfluxDB classes.
+def introduction(api):
+    return f"""A mock payment service for Grafana, Prometheus and InfluxDB classes.
 
 Every answer is JSON except `/metrics` (Prometheus text or OpenMetrics) and `/` (the console page). An error is
 `{{"error": "...", ...}}` with details such as the `field` at fault. Besides what each operation lists:
@@ -69,7 +75,8 @@ TAGS = {"payments": "Payments, refunds and the figures about them",
         "trainer": "The simulator and the incident scenarios a trainer starts",
         "service": "Health, metrics, this document and the console page"}
 
-OVERFLOW_ANSWERS = {(method.decode(), path.decode()) for method, path in api.Overflow.ANSWERED_HERE}
+def overflow_answers(api):
+    return {(method.decode(), path.decode()) for method, path in api.Overflow.ANSWERED_HERE}
 
 
 def path_template(pattern):
@@ -79,7 +86,7 @@ def path_template(pattern):
     return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", text), names
 
 
-def path_parameter(name, settings):
+def path_parameter(api, name, settings):
     schema = {"payment_id": {"type": "string", "pattern": r"^[^/]+$", "examples": ["pay_6f1c0e3a9b2d4c10"]},
               "name": {"type": "string", "enum": list(api.SCENARIOS)}}[name]
     return {"name": name, "in": "path", "required": True, "schema": schema,
@@ -87,7 +94,7 @@ def path_parameter(name, settings):
                             "name": "a scenario; another name is 404"}[name]}
 
 
-def undescribed(settings):
+def undescribed(api, settings):
     """A route nobody described yet: still listed, and test_openapi.py fails until it is described."""
     return {"summary": "not described yet", "x-undescribed": True,
             "responses": {"default": {"description": "not described yet"}}}
@@ -123,7 +130,7 @@ def json_body(schema, required, example=None, examples=None):
     return {"required": required, **json_response(None, schema, example, examples)}
 
 
-def console(settings):
+def console(api, settings):
     return {"tags": ["service"], "summary": "The trainer's console: a page for the browser",
             "responses": {
                 "200": {"description": "the page", "content": {"text/html": {"schema": {"type": "string"}}}},
@@ -131,12 +138,12 @@ def console(settings):
                                       api.NotFound("the console page (console.html) is not installed").body)}}
 
 
-def openapi_document(settings):
+def openapi_document(api, settings):
     return {"tags": ["service"], "summary": "This document",
             "responses": {"200": json_response("OpenAPI 3.1", {"type": "object", "required": ["openapi", "paths"]})}}
 
 
-def health(settings):
+def health(api, settings):
     example = {"status": "UP", "service": "payment-api", "version": api.VERSION,
                "timestamp": api.iso_utc(EXAMPLE_TIME), "uptimeSeconds": 3600.5,
                "dependencies": {"influxdb": {"state": "up", "url": "http://influxdb:8086", "bucket": "training",
@@ -148,7 +155,7 @@ def health(settings):
                 "503": json_response("the service is stopping", ref("Health"), {**example, "status": "DOWN"})}}
 
 
-def metrics(settings):
+def metrics(api, settings):
     text = {"schema": {"type": "string"}, "example": "payment_requests_total{currency=\"USD\",method=\"POST\","
                                                      "status=\"200\",type=\"standard\"} 42.0\n"}
     return {"tags": ["service"], "summary": "Prometheus metrics",
@@ -158,12 +165,12 @@ def metrics(settings):
                 "text/plain": text, "application/openmetrics-text": {**text, "example": text["example"] + "# EOF\n"}}}}}
 
 
-def create_payment(settings):
-    completed, declined, failed, refused = (example_payment(settings, status).to_json()
+def create_payment(api, settings):
+    completed, declined, failed, refused = (api.payment_json(example_payment(api, settings, status))
                                             for status in (200, 402, 500, 503))
     return {
         "tags": ["payments"], "summary": "Make a payment",
-        "description": "Processing takes a simulated time (see the README). Declines and failures are answers "
+        "description": "Processing takes a simulated time (see docs/api.md). Declines and failures are answers "
                        "about the payment, with the payment in the body.",
         "parameters": [ref(name, "parameters")
                        for name in ("IdempotencyKey", "TraceParent", "SimulateFailure", "SimulateLatency")],
@@ -177,9 +184,9 @@ def create_payment(settings):
             "200": json_response("completed", ref("CompletedPayment"), completed, headers=PAYMENT_HEADERS),
             "402": json_response("declined by the bank", ref("DeclinedPayment"), declined, headers=PAYMENT_HEADERS),
             "409": error_response("a request with this Idempotency-Key is still being processed",
-                                  idempotency_error("in_progress")),
+                                  idempotency_error(api, "in_progress")),
             "422": error_response("this Idempotency-Key was used with another request body",
-                                  idempotency_error("mismatch")),
+                                  idempotency_error(api, "mismatch")),
             "500": json_response("the payment failed (PAYMENT_FAILURE_RATE, a scenario, or X-Simulate-Failure)",
                                  ref("FailedPayment"), failed, headers=PAYMENT_HEADERS),
             "503": json_response("refused during an `outage` scenario (not remembered for its Idempotency-Key), or "
@@ -189,42 +196,42 @@ def create_payment(settings):
                                  headers={"Retry-After": ref("RetryAfter", "headers"),
                                           "traceparent": ref("TraceParent", "headers")}),
             "400": error_response("the body or a header is not valid: `field` names it",
-                                  examples=invalid_payment_examples(settings)),
+                                  examples=invalid_payment_examples(api, settings)),
             **BODY_ERRORS}}
 
 
-def list_payments(settings):
+def list_payments(api, settings):
     filters = [{"name": name, "in": "query", "required": False, "schema": schema,
                 "description": "only payments with this " + name}
-               for name, schema in listing_filter_schemas(settings).items()]
+               for name, schema in listing_filter_schemas(api, settings).items()]
     limit = {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": largest_whole_number(), "default": 50},
+             "schema": {"type": "integer", "minimum": 1, "maximum": largest_whole_number(api), "default": 50},
              "description": "how many, newest first (at most STORE_SIZE are kept)"}
     return {"tags": ["payments"], "summary": "The most recent payments, newest first",
             "description": "Another query parameter is a 400 naming it.",
             "parameters": [limit, *filters],
             "responses": {
                 "200": json_response("the payments", ref("PaymentList"),
-                                     {"count": 1, "payments": [example_payment(settings, 200).to_json()]}),
+                                     {"count": 1, "payments": [api.payment_json(example_payment(api, settings, 200))]}),
                 "400": error_response("an unknown parameter or a value not allowed", examples={
                     "unknown": api.InvalidField("page", "unknown parameter; known: limit, "
                                                 + ", ".join(api.LISTING_FILTERS)).body})}}
 
 
-def payment_stats(settings):
-    stats = api.PaymentStats(settings.currencies, lambda: EXAMPLE_TIME)
+def payment_stats(api, settings):
+    stats = api.ActivityStats(settings.currencies, lambda: EXAMPLE_TIME)
     for status in (200, 200, 402):
         stats.record_start()
-        stats.record(example_payment(settings, status))
+        stats.record(example_payment(api, settings, status))
     return {"tags": ["payments"], "summary": "Totals since start, rates, active payments, today's revenue",
             "responses": {"200": json_response("the figures", ref("Stats"), stats.snapshot())}}
 
 
-def activity(settings):
+def activity(api, settings):
     most = api.PaymentStats.ACTIVITY_SECONDS
-    stats = api.PaymentStats(settings.currencies, lambda: EXAMPLE_TIME)
+    stats = api.ActivityStats(settings.currencies, lambda: EXAMPLE_TIME)
     stats.record_start()
-    stats.record(example_payment(settings, 200))
+    stats.record(example_payment(api, settings, 200))
     return {"tags": ["payments"], "summary": "The last minutes second by second (the console's chart)",
             "description": "Another query parameter is a 400 naming it.",
             "parameters": [{"name": "seconds", "in": "query", "required": False,
@@ -237,18 +244,18 @@ def activity(settings):
                 "400": error_response("an unknown parameter or seconds out of range")}}
 
 
-def get_payment(settings):
+def get_payment(api, settings):
     return {"tags": ["payments"], "summary": "One payment, with its refunds",
             "responses": {
                 "200": json_response("the payment", ref("Payment"), examples={
-                    status: example_payment(settings, code).to_json()
+                    status: api.payment_json(example_payment(api, settings, code))
                     for status, code in zip(api.PAYMENT_STATUSES, (200, 402, 500))}),
                 "404": error_response("unknown, or no longer among the most recent STORE_SIZE payments",
                                       api.NotFound("payment not found", paymentId="pay_0000000000000000").body)}}
 
 
-def create_refund(settings):
-    payment = example_payment(settings, 200)
+def create_refund(api, settings):
+    payment = example_payment(api, settings, 200)
     refund = api.Refund("re_3b9d0c2e7a1f4d58", payment.payment_id, Decimal("40.00"), payment.request.currency,
                         "api", EXAMPLE_TIME + 60)
     too_much = api.Unprocessable(f"at most 60.00 {payment.request.currency} remains to refund", field="amount",
@@ -259,7 +266,7 @@ def create_refund(settings):
         "requestBody": json_body(ref("RefundRequest"), False, {"amount": 40}),
         "responses": {
             "201": json_response("refunded", ref("RefundResult"),
-                                 {**refund.to_json(), "refundedAmount": 40.0, "remainingAmount": 60.0},
+                                 {**api.refund_json(refund), "refundedAmount": 40.0, "remainingAmount": 60.0},
                                  headers=REPLAYED),
             "404": error_response("no such payment", api.NotFound("payment not found",
                                                                   paymentId=payment.payment_id).body),
@@ -267,16 +274,16 @@ def create_refund(settings):
                                   "request with this Idempotency-Key is still being processed",
                                   api.Conflict("nothing left to refund on this payment").body),
             "422": error_response("more than remains, or an Idempotency-Key used with another request body",
-                                  examples={"too much": too_much.body, "key reused": idempotency_error("mismatch")}),
+                                  examples={"too much": too_much.body, "key reused": idempotency_error(api, "mismatch")}),
             **BODY_ERRORS}}
 
 
-def get_simulation(settings):
+def get_simulation(api, settings):
     return {"tags": ["trainer"], "summary": "The simulator's settings now",
             "responses": {"200": json_response("the settings", ref("Simulation"), simulation_example(settings))}}
 
 
-def put_simulation(settings):
+def put_simulation(api, settings):
     return {"tags": ["trainer"], "summary": "Change the simulator at runtime",
             "description": "Only the fields sent change; a new seed restarts the random sequence.",
             "requestBody": json_body(ref("SimulationChange"), True, {"rate": 50, "profile": "bursty"}),
@@ -284,32 +291,32 @@ def put_simulation(settings):
                           **BODY_ERRORS}}
 
 
-def list_scenarios(settings):
+def list_scenarios(api, settings):
     return {"tags": ["trainer"], "summary": "The incident scenarios and which of them run",
             "responses": {"200": json_response("every scenario", ref("ScenarioList"),
-                                               {"scenarios": [scenario_example(name) for name in api.SCENARIOS]})}}
+                                               {"scenarios": [scenario_example(api, name) for name in api.SCENARIOS]})}}
 
 
-def scenario_history(settings):
+def scenario_history(api, settings):
     example = {"scenario": "error_spike", "startedAt": api.iso_utc(EXAMPLE_TIME), "startedBy": "api",
                "stoppedAt": api.iso_utc(EXAMPLE_TIME + 300), "stoppedBy": "duration"}
     return {"tags": ["trainer"], "summary": "What ran when (the last 200 starts)",
             "responses": {"200": json_response("oldest first", ref("ScenarioHistory"), {"history": [example]})}}
 
 
-def start_scenario(settings):
+def start_scenario(api, settings):
     return {"tags": ["trainer"], "summary": "Start an incident scenario",
             "description": "Without a duration it runs until stopped; starting a running scenario restarts it.",
             "requestBody": json_body(ref("ScenarioStart"), False, {"duration": 300}),
-            "responses": {"200": json_response("started", ref("Scenario"), scenario_example("error_spike", 300)),
-                          "404": unknown_scenario_response(), **BODY_ERRORS}}
+            "responses": {"200": json_response("started", ref("Scenario"), scenario_example(api, "error_spike", 300)),
+                          "404": unknown_scenario_response(api), **BODY_ERRORS}}
 
 
-def stop_scenario(settings):
+def stop_scenario(api, settings):
     return {"tags": ["trainer"], "summary": "Stop an incident scenario",
             "responses": {"200": json_response("stopped (or was not running)", ref("Scenario"),
-                                               scenario_example("error_spike")),
-                          "404": unknown_scenario_response()}}
+                                               scenario_example(api, "error_spike")),
+                          "404": unknown_scenario_response(api)}}
 
 
 OPERATIONS = {describe.__name__: describe for describe in (
@@ -320,16 +327,16 @@ OPERATIONS = {describe.__name__: describe for describe in (
 # ---------------------------------------------------------------- examples, made by the service's own code
 
 
-def example_payment(settings, http_status):
-    """A payment of the service's own making, answered `http_status`: its to_json() is the example."""
+def example_payment(api, settings, http_status):
+    """A payment of the service's own making, answered `http_status`: its JSON is the example."""
     card_number = "4000000000009995" if http_status == 402 else "4242424242424242"
     request = api.PaymentRequest(Decimal("100.00"), settings.currencies[0], "standard", "cust_00042", "card",
                                  card_number[-4:], api.TEST_CARDS.get(card_number))
     return api.Payment("pay_6f1c0e3a9b2d4c10", request, "api", 0.1183, http_status, EXAMPLE_TIME,
-                       decline_code=request.decline_code, trace=EXAMPLE_TRACE)
+                       decline_code=request.decline_code, trace=example_trace(api))
 
 
-def invalid_payment_examples(settings):
+def invalid_payment_examples(api, settings):
     examples = {}
     for name, body in (("amount", {"amount": Decimal("0.001")}), ("currency", {"amount": 1, "currency": "XXX"}),
                        ("cardNumber", {"amount": 1, "cardNumber": "4242424242424241"})):
@@ -340,7 +347,7 @@ def invalid_payment_examples(settings):
     return examples
 
 
-def idempotency_error(result):
+def idempotency_error(api, result):
     return {"in_progress": api.Conflict("a request with this Idempotency-Key is still being processed; retry in "
                                         "a moment").body,
             "mismatch": api.Unprocessable("this Idempotency-Key was used with another request body",
@@ -352,13 +359,13 @@ def simulation_example(settings):
             "profile": settings.simulation_profile, "seed": settings.simulation_seed}
 
 
-def scenario_example(name, duration=None):
+def scenario_example(api, name, duration=None):
     return {"name": name, "description": api.SCENARIOS[name][0], "active": duration is not None,
             "startedAt": api.iso_utc(EXAMPLE_TIME) if duration else None,
             "endsAt": api.iso_utc(EXAMPLE_TIME + duration) if duration else None}
 
 
-def unknown_scenario_response():
+def unknown_scenario_response(api):
     return error_response("no such scenario", api.NotFound("no such scenario", scenario="surprise",
                                                            known=list(api.SCENARIOS)).body)
 
@@ -368,13 +375,14 @@ def error_response(description, example=None, examples=None):
 
 # ---------------------------------------------------------------- schemas
 
-ANSWERED_AMOUNT = {"type": "number", "minimum": 0, "maximum": int(api.MAX_AMOUNT)}
+def answered_amount(api):
+    return {"type": "number", "minimum": 0, "maximum": int(api.MAX_AMOUNT)}
 TIMESTAMP = {"type": "string", "format": "date-time", "pattern": "Z$", "description": "UTC, ISO-8601"}
 PAYMENT_ID = {"type": "string", "pattern": "^pay_[0-9a-f]{16}$"}
 SOURCES = ["api", "simulator"]  # who made a payment or a refund
 
 
-def schemas(settings):
+def schemas(api, settings):
     currencies = list(settings.currencies)
     amount = {"type": "number", "exclusiveMinimum": 0, "maximum": int(api.MAX_AMOUNT), "multipleOf": 0.01,
               "description": "at most 2 decimals"}
@@ -384,21 +392,21 @@ def schemas(settings):
         "Error": {"type": "object", "required": ["error"], "properties": {
             "error": {"type": "string"},
             "field": {"type": "string", "description": "the field, parameter or header at fault"}}},
-        "PaymentRequest": payment_request_schema(settings, amount),
+        "PaymentRequest": payment_request_schema(api, settings, amount),
         "RefundRequest": {
             "description": "No body, null or {} refunds all that remains.",
             "type": ["object", "null"], "additionalProperties": True,
             "properties": {"amount": {**amount, "type": ["number", "null"],
                                       "description": "default (or null): all that remains"}}},
         "Payment": {"oneOf": [ref("CompletedPayment"), ref("DeclinedPayment"), ref("FailedPayment")]},
-        "CompletedPayment": payment_schema(settings, "completed", ["refundedAmount", "refunds"]),
-        "DeclinedPayment": payment_schema(settings, "declined", ["error", "declineCode"]),
-        "FailedPayment": payment_schema(settings, "failed", ["error"]),
+        "CompletedPayment": payment_schema(api, settings, "completed", ["refundedAmount", "refunds"]),
+        "DeclinedPayment": payment_schema(api, settings, "declined", ["error", "declineCode"]),
+        "FailedPayment": payment_schema(api, settings, "failed", ["error"]),
         "PaymentList": {"type": "object", "required": ["count", "payments"], "additionalProperties": False,
                         "properties": {"count": {"type": "integer", "minimum": 0},
                                        "payments": {"type": "array", "items": ref("Payment")}}},
-        "Refund": refund_schema(settings),
-        "RefundResult": refund_schema(settings, refundedAmount=ANSWERED_AMOUNT, remainingAmount=ANSWERED_AMOUNT),
+        "Refund": refund_schema(api, settings),
+        "RefundResult": refund_schema(api, settings, refundedAmount=answered_amount(api), remainingAmount=answered_amount(api)),
         "Stats": stats_schema(per_currency),
         "Activity": {
             "type": "object", "additionalProperties": False,
@@ -424,10 +432,10 @@ def schemas(settings):
                            "simulation": ref("Simulation")}},
         "Simulation": {"type": "object", "additionalProperties": False,
                        "required": ["enabled", "rate", "profile", "seed"],
-                       "properties": simulation_properties()},
+                       "properties": simulation_properties(api)},
         "SimulationChange": {"type": "object", "additionalProperties": False,
                              "description": "Any of the fields; another field is a 400 naming it.",
-                             "properties": simulation_properties()},
+                             "properties": simulation_properties(api)},
         "Scenario": {"type": "object", "additionalProperties": False,
                      "required": ["name", "description", "active", "startedAt", "endsAt"],
                      "properties": {"name": {"enum": list(api.SCENARIOS)}, "description": {"type": "string"},
@@ -454,13 +462,13 @@ def schemas(settings):
     }
 
 
-def payment_schema(settings, status, required):
-    """A payment as Payment.to_json writes it with `status`: completed, declined or failed."""
+def payment_schema(api, settings, status, required):
+    """A payment as payment_json writes it with `status`: completed, declined or failed."""
     properties = {
         "success": {"const": status == "completed"},
         "paymentId": PAYMENT_ID,
         "status": {"const": status},
-        "amount": ANSWERED_AMOUNT,
+        "amount": answered_amount(api),
         "currency": {"enum": list(settings.currencies)},
         "type": {"enum": list(api.PAYMENT_TYPES)},
         "customerId": {"type": "string", "pattern": anchored(api.CUSTOMER_ID)},
@@ -474,7 +482,7 @@ def payment_schema(settings, status, required):
                     "description": "the W3C trace id of the payment: in its log line, exemplars and spans"},
     }
     properties.update({
-        "completed": {"refundedAmount": ANSWERED_AMOUNT,
+        "completed": {"refundedAmount": answered_amount(api),
                       "refunds": {"type": "array", "maxItems": api.MAX_REFUNDS, "items": ref("Refund")}},
         "declined": {"error": {"type": "string"}, "declineCode": {"enum": list(api.DECLINE_WEIGHTS)}},
         "failed": {"error": {"type": "string"}},
@@ -483,15 +491,15 @@ def payment_schema(settings, status, required):
             "required": [name for name in properties if name != "cardLast4"]}
 
 
-def refund_schema(settings, **more):
-    """A refund as Refund.to_json writes it, with `more` properties (all required)."""
+def refund_schema(api, settings, **more):
+    """A refund as refund_json writes it, with `more` properties (all required)."""
     properties = {"refundId": {"type": "string", "pattern": "^re_[0-9a-f]{16}$"}, "paymentId": PAYMENT_ID,
-                  "amount": ANSWERED_AMOUNT, "currency": {"enum": list(settings.currencies)},
+                  "amount": answered_amount(api), "currency": {"enum": list(settings.currencies)},
                   "status": {"const": "succeeded"}, "source": {"enum": SOURCES}, "timestamp": TIMESTAMP, **more}
     return {"type": "object", "additionalProperties": False, "properties": properties, "required": list(properties)}
 
 
-def payment_request_schema(settings, amount):
+def payment_request_schema(api, settings, amount):
     """What validate_payment accepts; fields it does not know are ignored."""
     usd_default = "USD" in settings.currencies
     return {
@@ -517,7 +525,7 @@ def payment_request_schema(settings, amount):
     }
 
 
-def listing_filter_schemas(settings):
+def listing_filter_schemas(api, settings):
     """A schema for each of LISTING_FILTERS, in its order."""
     known = {"customerId": {"type": "string", "pattern": anchored(api.CUSTOMER_ID)},
              "status": {"type": "string", "enum": list(api.PAYMENT_STATUSES)},
@@ -527,7 +535,7 @@ def listing_filter_schemas(settings):
     return {name: known[name] for name in api.LISTING_FILTERS}
 
 
-def simulation_properties():
+def simulation_properties(api):
     return {"enabled": {"type": "boolean"},
             "rate": {"type": "number", "minimum": 0, "maximum": api.MAX_SIMULATION_RATE,
                      "description": "payments per second"},
@@ -567,7 +575,7 @@ def any_case(words):
                              for word in words) + ")$"
 
 
-def largest_whole_number():
+def largest_whole_number(api):
     """The largest number WHOLE_NUMBER lets through (query and header numbers are ASCII digits, so many)."""
     digits = 1
     while api.WHOLE_NUMBER.fullmatch("9" * (digits + 1)):
@@ -577,7 +585,7 @@ def largest_whole_number():
 # ---------------------------------------------------------------- parameters, headers and shared responses
 
 
-def header_parameters():
+def header_parameters(api):
     return {
         "IdempotencyKey": {
             "name": "Idempotency-Key", "in": "header", "required": False,
@@ -590,20 +598,20 @@ def header_parameters():
             "name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"},
             "description": "W3C Trace Context: the payment joins this trace, as a child of this span; an invalid "
                            "value is ignored (the payment starts a trace of its own)",
-            "example": EXAMPLE_TRACE.traceparent.replace(EXAMPLE_TRACE.span_id, "b7ad6b7169203331")},
+            "example": example_trace(api).traceparent.replace(example_trace(api).span_id, "b7ad6b7169203331")},
         "SimulateFailure": {
             "name": "X-Simulate-Failure", "in": "header", "required": False,
             "schema": {"type": "string", "pattern": optional_header(any_case(api.BOOLEAN_WORDS))},
             "description": "true: this payment fails with 500", "example": "true"},
         "SimulateLatency": {
             "name": "X-Simulate-Latency", "in": "header", "required": False,
-            "schema": {"type": "string", "pattern": optional_header(seconds_pattern(api.MAX_PROCESSING_SECONDS))},
+            "schema": {"type": "string", "pattern": optional_header(seconds_pattern(api, api.MAX_PROCESSING_SECONDS))},
             "description": f"this payment takes so many seconds, at most {api.MAX_PROCESSING_SECONDS:g}",
             "example": "2.5"},
     }
 
 
-def seconds_pattern(maximum):
+def seconds_pattern(api, maximum):
     """What SECONDS lets through (blanks may follow), no more than the whole number `maximum`."""
     below = "|".join(str(whole) for whole in range(int(maximum)))
     return rf"(?=(?:{api.SECONDS.pattern})[ \t]*$)0*(?:(?:{below})(?:\.[0-9]+)?|{int(maximum)}(?:\.0+)?)"
@@ -625,7 +633,7 @@ SHARED_HEADERS = {
 }
 
 
-def shared_responses():
+def shared_responses(api):
     def error(description, message):
         return error_response(description, {"error": message})
     unauthorized = error("ADMIN_TOKEN is set and the request did not bring it",

@@ -487,17 +487,13 @@ def trace_context(traceparent_headers):
         if valid:
             sampled = bool(int(flags, 16) & 1)
             return TraceContext(trace_id, new_span_id(), parent_span_id, sampled=sampled)
-    return TraceContext(random_id(128), new_span_id())
+    return TraceContext(f"{random.getrandbits(128):032x}", new_span_id())
 
 
 def new_span_id():
-    return random_id(64)
-
-
-def random_id(bits):
-    """`bits` random bits in hex, as OpenTelemetry's own id generator draws them: ids must be
-    unique, not secret, and every payment draws three (no system call for each)."""
-    return f"{random.getrandbits(bits):0{bits // 4}x}"
+    """64 random bits in hex. Trace, span and refund ids are drawn as OpenTelemetry's own id
+    generator draws them: unique, not secret, and without a system call each."""
+    return f"{random.getrandbits(64):016x}"
 
 
 class Step(NamedTuple):
@@ -653,7 +649,8 @@ class PaymentProcessor:
                                  self.settings.currencies)
         self.stats.record_start()
         trace = self.tracer.sample(trace or trace_context(()), source)  # recorded or not
-        return Payment(f"pay_{random_id(64)}", request, source, processing_time, status,
+        payment_id = f"pay_{trace.span_id}"  # the id of the payment's own span, drawn for it
+        return Payment(payment_id, request, source, processing_time, status,
                        decline_code=decline_code, trace=trace, steps=steps)
 
     def finish(self, payment):
@@ -677,7 +674,7 @@ class PaymentProcessor:
     def refund(self, payment_id, amount, source):
         """Refund `amount` (None: all that remains) of a completed payment."""
         def make_refund(payment, refund_amount):
-            return Refund(f"re_{random_id(64)}", payment.payment_id, refund_amount,
+            return Refund(f"re_{random.getrandbits(64):016x}", payment.payment_id, refund_amount,
                           payment.request.currency, source, self._clock())
         refund, payment = self.store.refund(payment_id, amount, make_refund)
         self.metrics.record_refund(refund)
@@ -1220,6 +1217,38 @@ class PaymentHandler(BaseHTTPRequestHandler):
                   ("DELETE", r"/api/scenarios/(?P<name>[^/]+)", "stop_scenario", True))]  # (II)
     ROUTES_BY_PATH = routes_by_plain_path(ROUTES)
 
+    # -- the simple endpoints: one answer each
+
+    def get_payment(self, payment_id):
+        payment = self.server.app.store.get(payment_id)
+        if payment is None:
+            raise NotFound("payment not found", paymentId=payment_id[:ECHO_LIMIT])
+        self.send_json(200, payment_json(payment))
+
+    def payment_stats(self):
+        self.send_json(200, self.server.app.stats.snapshot())
+
+    def health(self):
+        app = self.server.app
+        dependencies = {"influxdb": app.exporter.health(), "tracing": app.tracer.health()}
+        self.send_json(503 if app.stopping else 200, {
+            "status": "DOWN" if app.stopping else "UP", "service": "payment-api",
+            "version": VERSION, "timestamp": iso_utc(time.time()),
+            "uptimeSeconds": round(time.monotonic() - app.started_at, 3),
+            "dependencies": dependencies, "simulation": dict(app.simulator.config)})
+
+    def metrics(self):
+        """The Prometheus exposition, in the format and encoding the scraper asks for."""
+        encoder, content_type = choose_encoder(self.headers.get("Accept"))
+        body = encoder(self.server.app.metrics.registry)
+        headers = {"Content-Type": content_type}
+        if gzip_accepted(self.headers.get("Accept-Encoding")):
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        self.send_body(200, body, headers)
+
+
+
     # -- writing answers
 
     def send_json(self, status, document, headers=None):
@@ -1365,7 +1394,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
             return app.idempotency.answer_once(self, key, document, refund, refund_answer)
         self.send_json(*refund_answer(refund()))
 
-    # -- reading and writing
+    # -- reading a body
 
     def read_json(self, required=True):
         """The request's JSON body (None when optional and absent); 400, 408, 411, 413 or 415
@@ -1401,38 +1430,6 @@ class PaymentHandler(BaseHTTPRequestHandler):
         if not isinstance(document, dict):
             raise MalformedBody("body must be a JSON object")
         return document
-
-    # -- the other endpoints
-
-    def get_payment(self, payment_id):
-        payment = self.server.app.store.get(payment_id)
-        if payment is None:
-            raise NotFound("payment not found", paymentId=payment_id[:ECHO_LIMIT])
-        self.send_json(200, payment_json(payment))
-
-    def payment_stats(self):
-        self.send_json(200, self.server.app.stats.snapshot())
-
-    def health(self):
-        app = self.server.app
-        dependencies = {"influxdb": app.exporter.health(), "tracing": app.tracer.health()}
-        self.send_json(503 if app.stopping else 200, {
-            "status": "DOWN" if app.stopping else "UP", "service": "payment-api",
-            "version": VERSION, "timestamp": iso_utc(time.time()),
-            "uptimeSeconds": round(time.monotonic() - app.started_at, 3),
-            "dependencies": dependencies, "simulation": dict(app.simulator.config)})
-
-    def metrics(self):
-        """The Prometheus exposition, in the format and encoding the scraper asks for."""
-        encoder, content_type = choose_encoder(self.headers.get("Accept"))
-        body = encoder(self.server.app.metrics.registry)
-        headers = {"Content-Type": content_type}
-        if gzip_accepted(self.headers.get("Accept-Encoding")):
-            body = gzip.compress(body)
-            headers["Content-Encoding"] = "gzip"
-        self.send_body(200, body, headers)
-
-
 
 def refund_answer(refund_and_payment):
     """(status, JSON body, headers) of the answer to a refund."""
