@@ -1226,6 +1226,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.send_json(200, payment_json(payment))
 
     def payment_stats(self):
+        """The figures of /api/payments/stats (ActivityStats.snapshot, Part II)."""
         self.send_json(200, self.server.app.stats.snapshot())
 
     def health(self):
@@ -1463,14 +1464,6 @@ SCENARIOS = {
     "decline_wave": ("a card network problem: 30 % of card payments are declined (402), "
                      "errors stay normal", Effects(decline_rate=0.30)),
 }
-MAX_SCENARIO_SECONDS = 86400  # the longest duration a scenario can be started with
-
-
-def known_scenario(name):
-    if name not in SCENARIOS:
-        raise NotFound("no such scenario", scenario=name[:ECHO_LIMIT], known=list(SCENARIOS))
-
-
 class ScenarioBoard:
     """Which incident scenarios run now, started by the API or the schedule, with a history.
 
@@ -2510,6 +2503,14 @@ SIMULATION_CHANGES = {
                                              and not isinstance(value, bool)),
              "a whole number or null"),
 }
+
+
+MAX_SCENARIO_SECONDS = 86400  # the longest duration a scenario can be started with
+
+
+def known_scenario(name):
+    if name not in SCENARIOS:
+        raise NotFound("no such scenario", scenario=name[:ECHO_LIMIT], known=list(SCENARIOS))
 
 
 class ControlEndpoints:
