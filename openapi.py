@@ -59,23 +59,28 @@ def document(settings, api):
 
 
 def introduction(api):
-    return f"""A mock payment service for Grafana, Prometheus and InfluxDB classes.
-
-Every answer is JSON except `/metrics` (Prometheus text or OpenMetrics) and `/` (the console
-page). An error is `{{"error": "...", ...}}` with details such as the `field` at fault. Besides
-what each operation lists:
-
-- a method a path does not have is answered `405` with an `Allow` header (HEAD is answered
-  wherever GET is);
-- an unknown path is `404`;
-- a request line over 64 KiB is `414`, a header line over 64 KiB or more than 100 header lines
-  `431`;
-- beyond MAX_CONNECTIONS connections at once, anything but `GET /health` and `GET /metrics` is
-  answered `503` with `Retry-After: 1`.
-
-Changing the simulator or a scenario needs `Authorization: Bearer <ADMIN_TOKEN>` when the
-service has an ADMIN_TOKEN. Card numbers the bank always declines:
-{", ".join(api.TEST_CARDS)}."""
+    """The Markdown of info.description: what every answer has in common."""
+    return (
+        "A mock payment service for Grafana, Prometheus and InfluxDB classes.\n"
+        "\n"
+        "Every answer is JSON except `/metrics` (Prometheus text or OpenMetrics)"
+        " and `/` (the console page). An error is\n"
+        '`{"error": "...", ...}` with details such as the `field` at fault.'
+        " Besides what each operation lists:\n"
+        "\n"
+        "- a method a path does not have is answered `405` with an `Allow` header"
+        " (HEAD is answered wherever GET is);\n"
+        "- an unknown path is `404`;\n"
+        "- a request line over 64 KiB is `414`,"
+        " a header line over 64 KiB or more than 100 header lines `431`;\n"
+        "- beyond MAX_CONNECTIONS connections at once,"
+        " anything but `GET /health` and `GET /metrics` is answered `503`\n"
+        "  with `Retry-After: 1`.\n"
+        "\n"
+        "Changing the simulator or a scenario needs `Authorization: Bearer <ADMIN_TOKEN>`"
+        " when the service has an\n"
+        "ADMIN_TOKEN. Card numbers the bank always declines: "
+        + ", ".join(api.TEST_CARDS) + ".")
 
 TAGS = {"payments": "Payments, refunds and the figures about them",
         "trainer": "The simulator and the incident scenarios a trainer starts",
