@@ -929,7 +929,8 @@ def test_an_otlp_endpoint_without_the_sdk_says_once_why_traces_are_off(run_servi
     hidden.mkdir()
     (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     service = run_service(OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9", PYTHONPATH=str(tmp_path),
-                          INFLUXDB_URL="", SIMULATION_RATE="0")
+                          INFLUXDB_URL="", SIMULATION_RATE="0",
+                          PAYMENT_FAILURE_RATE="0", PAYMENT_DECLINE_RATE="0")  # no random 500 or 402
     assert post_payment(service)[0] == 200
     service.send_signal(signal.SIGTERM)
     service.wait(15)
