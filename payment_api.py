@@ -10,14 +10,16 @@ How to read this file. Part I is the course path: one payment, in the order it t
   2. the request   the JSON body and the headers, validated; client mistakes become 4xx answers
   3. the payment   what a payment is, where it sits in a trace, and the store of recent ones
   4. processing    PaymentProcessor: the one path for API and simulated payments alike
-  5. metrics      every Prometheus metric, in one registry the app owns
-  6. exports       the InfluxDB line, the batching writer, the log line and the trace
+  5. metrics       every Prometheus metric, in one registry the app owns
+  6. exports       the InfluxDB line, the batching writer, the log line (traces: tracing.py)
   7. HTTP          the routing table and the handler: POST /api/payments starts here
   8. simulator     the incident scenarios, and the thread that makes payments on its own
   9. application   PaymentApp wires the parts and owns start and stop; main()
-One payment: PaymentHandler.create_payment -> validate_payment -> PaymentProcessor.begin, wait,
-PaymentProcessor.finish -> PaymentMetrics.record_payment, payment_line, InfluxWriter.export,
-log_fields -> payment_json -> the answer.
+One payment: PaymentHandler.create_payment -> validate_payment -> PaymentProcessor.pay, which
+calls begin (outcome and processing time), waits, then finish: the store, tracer.record,
+PaymentMetrics.record_payment, PaymentStats.record, payment_line -> InfluxWriter.export and
+log_fields -> payment_answer -> the answer. A request with an Idempotency-Key runs the same pay
+inside IdempotencyKeys.answer_once (Part II), which remembers the answer for a retry.
 
 Part II, the machinery, keeps the service safe and fast without changing that path: connection
 guards (deadlines, framing, a cap with an overflow), idempotency keys, the exporter's states and
@@ -250,6 +252,7 @@ TEST_CARDS = {"4000000000000002": "generic_decline", "4000000000009995": "insuff
 CARD_NUMBER = re.compile(r"[0-9]{12,19}")  # and a valid Luhn check digit
 DECLINE_WEIGHTS = {"insufficient_funds": 45, "generic_decline": 30, "expired_card": 15,
                    "suspected_fraud": 10}
+DECLINE_CODES = tuple(DECLINE_WEIGHTS)
 INVALID = "invalid"  # the one label value that stands for anything a client invents
 MAX_AMOUNT = Decimal("1000000")
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -674,7 +677,7 @@ class PaymentProcessor:
     def refund(self, payment_id, amount, source):
         """Refund `amount` (None: all that remains) of a completed payment."""
         def make_refund(payment, refund_amount):
-            return Refund(f"re_{random.getrandbits(64):016x}", payment.payment_id, refund_amount,
+            return Refund(f"re_{new_span_id()}", payment.payment_id, refund_amount,
                           payment.request.currency, source, self._clock())
         refund, payment = self.store.refund(payment_id, amount, make_refund)
         self.metrics.record_refund(refund)
@@ -687,6 +690,7 @@ class PaymentProcessor:
         payment_type, currency = label_values(document, self.settings.currencies)
         self.metrics.record_rejection(error.status, payment_type, currency)
         self.stats.record_rejection()
+
 
 def draw_outcome(rng, request, settings, effects, fault=Fault()):
     """(HTTP status, processing seconds, usual seconds) of one payment: a log-normal time, and
@@ -765,15 +769,13 @@ class DisabledTracer:
         pass
 
 
-DECLINE_CODES = tuple(DECLINE_WEIGHTS)
-
-
 # ---------------------------------------------------------------- 5. metrics
 
 
 AMOUNT_BUCKETS = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
 DURATION_BUCKETS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2.5,
                     5, 10)
+TOTALS_KEY = {"completed": "succeeded"}  # the /stats total a payment status counts in
 
 
 class PaymentStats:
@@ -856,6 +858,25 @@ class PaymentStats:
             completed = sum(counts[0] for counts in last_minute)
             failed = sum(counts[1] for counts in last_minute)
             return 100.0 * failed / completed if completed else 0.0
+
+
+class CallbackGauge(Collector):
+    """A labelled gauge whose values are read from the application at scrape time."""
+
+    def __init__(self, name, documentation, labelnames, read):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.read = read
+
+    def describe(self):
+        return [GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self):
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in self.read():
+            family.add_metric(labels, value)
+        return [family]
 
 
 class PaymentMetrics:
@@ -972,27 +993,6 @@ class PaymentMetrics:
         self.requests.labels("POST", str(status), payment_type, currency).inc()
 
 
-class CallbackGauge(Collector):
-    """A labelled gauge whose values are read from the application at scrape time."""
-
-    def __init__(self, name, documentation, labelnames, read):
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = labelnames
-        self.read = read
-
-    def describe(self):
-        return [GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)]
-
-    def collect(self):
-        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for labels, value in self.read():
-            family.add_metric(labels, value)
-        return [family]
-
-
-TOTALS_KEY = {"completed": "succeeded"}  # the /stats total a payment status counts in
-
 # ---------------------------------------------------------------- 6. exports: InfluxDB, log, trace
 
 
@@ -1075,7 +1075,7 @@ class InfluxWriter:
         """Count the points of a batch that was written or given up."""
         points = data.count(b"\n" if isinstance(data, bytes) else "\n") + 1
         with self._lock:
-            if self._closed:  # a late answer after close(): counted as dropped then
+            if self._closed:  # a late answer after close() (Part II) was counted as dropped
                 return
             self._pending -= points
         if outcome == "written":
@@ -1247,8 +1247,6 @@ class PaymentHandler(BaseHTTPRequestHandler):
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
         self.send_body(200, body, headers)
-
-
 
     # -- writing answers
 
@@ -1432,6 +1430,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
             raise MalformedBody("body must be a JSON object")
         return document
 
+
 def refund_answer(refund_and_payment):
     """(status, JSON body, headers) of the answer to a refund."""
     refund, payment = refund_and_payment
@@ -1464,6 +1463,8 @@ SCENARIOS = {
     "decline_wave": ("a card network problem: 30 % of card payments are declined (402), "
                      "errors stay normal", Effects(decline_rate=0.30)),
 }
+
+
 class ScenarioBoard:
     """Which incident scenarios run now, started by the API or the schedule, with a history.
 
@@ -1707,15 +1708,16 @@ class PaymentApp:
         self.settings = settings
         self.rng = random.Random()
         self.store = PaymentStore(settings.store_size)
-        self.stats = ActivityStats(settings.currencies, clock)
-        self.scenarios = ScenarioControl(settings, clock)
+        self.stats = ActivityStats(settings.currencies, clock)  # PaymentStats + the console's
+        self.scenarios = ScenarioControl(settings, clock)  # ScenarioBoard + start/stop, schedule
         self.metrics = PaymentMetrics(settings.currencies, self.stats, self.scenarios)
-        self.exporter = make_exporter(settings, self.metrics)
-        self.tracer = make_tracer(settings, self.metrics)
+        self.exporter = make_exporter(settings, self.metrics)  # an InfluxWriter, or disabled
+        self.tracer = make_tracer(settings, self.metrics)  # tracing.py, or DisabledTracer
         self.processor = PaymentProcessor(settings, self.metrics, self.stats, self.store,
                                           self.exporter, clock, self.tracer)
         self.simulator = Simulator(settings, self.processor, self.scenarios, self.metrics,
                                    monotonic)
+        # Part II from here: remembered answers, requests counted for a graceful stop
         self.idempotency = IdempotencyKeys(monotonic)
         self.in_progress = RequestsInProgress()
         self.abort_waits = threading.Event()  # set when a stop runs out of time
@@ -1732,6 +1734,7 @@ class PaymentApp:
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
     def start(self):
+        # a PaymentServer with the connection guards of Part II
         self.server = GuardedServer((self.settings.host, self.settings.port), self)
         self._server_thread = threading.Thread(target=self.server.serve_forever, args=(0.1,),
                                                name="http-server")
@@ -1771,7 +1774,7 @@ class PaymentApp:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["backfill"]:  # days of history: an extra in its own file, run in its place
-        run_history(argv[1:])
+        return run_history(argv[1:])  # Part II; replaces this process, never returns
     try:
         settings = Settings.load(argv)
     except SettingsError as error:
