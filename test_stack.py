@@ -13,6 +13,7 @@ The tests of A and B share one app (100 payments/s) and one Prometheus for the m
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -687,8 +688,14 @@ def test_compose_passes_payment_api_only_variables_the_service_reads():
 def test_compose_defaults_for_payment_api_are_the_service_defaults():
     fields = {name: spec for spec in dataclasses.fields(payment_api.Settings) if "env" in spec.metadata
               for name in (spec.metadata["env"], *spec.metadata["aliases"])}
+    fixed = {"SIMULATION_PROFILE": "diurnal", "SIMULATION_PERIOD": "86400",  # the history's shape
+             "TRUSTED_PROXIES": "172.16.0.0/12",  # the gateway, on one of Docker's networks
+             "PROMETHEUS_URL": "http://prometheus:9090"}  # students' checks ask the stack's Prometheus
     for name, value in environment(compose()["services"]["payment-api"]).items():
         if name.startswith("OTEL_"):  # the stack's tracing target, not a service default (tracing is off by default)
+            continue
+        if name in fixed:
+            assert str(value) == fixed[name], name
             continue
         (_, default), = interpolations(str(value))
         assert fields[name].metadata["parse"](default) == fields[name].default, name
@@ -755,3 +762,113 @@ def test_hadolint_accepts_the_dockerfile():
     hadolint = require_binary("hadolint")
     result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+# ---------------------------------------------------------------- C. the classroom preset (docs/class-guide.md)
+
+CLASSROOM = HERE / "docker-compose.classroom.yml"
+CLASS_GUIDE = HERE / "docs" / "class-guide.md"
+CLASSROOM_SECRETS = {"ADMIN_TOKEN": "trainer-token-for-the-test",
+                     "CLASSROOM_GRAFANA_PASSWORD": "trainer-password-for-the-test"}
+
+
+def rendered_compose(tmp_path, env_lines):
+    """docker-compose's own rendering with `env_lines` as the .env file, run from the repository root as a trainer
+    runs it: no -f, so COMPOSE_FILE in those lines chooses the files. (returncode, config or None, stderr)."""
+    docker_compose = require_binary("docker-compose")
+    env_file = tmp_path / f"env-{len(list(tmp_path.iterdir()))}"
+    env_file.write_text("\n".join(env_lines) + "\n")
+    names = ("COMPOSE_", "PAYMENT_", "GRAFANA_", "INFLUXDB_", "CLASSROOM_", "ADMIN_TOKEN", "BACKFILL_", "LOG_", "OTEL_")
+    clean = {key: value for key, value in os.environ.items() if not key.startswith(names)}
+    result = subprocess.run([docker_compose, "--env-file", str(env_file), "config"],
+                            capture_output=True, text=True, timeout=60, cwd=HERE, env=clean)
+    return result.returncode, (yaml.safe_load(result.stdout) if result.returncode == 0 else None), result.stderr
+
+
+def unordered(value):
+    """A rendered setting with its list items in a fixed order."""
+    return sorted(map(json.dumps, value)) if isinstance(value, list) else value
+
+
+def classroom_switch():
+    """The COMPOSE_FILE line the class guide tells the trainer to put in .env."""
+    lines = re.findall(r"^COMPOSE_FILE=\S+$", CLASS_GUIDE.read_text(), re.M)
+    assert lines and len(set(lines)) == 1, lines
+    return lines[0]
+
+
+def test_the_classroom_switch_names_the_compose_file_and_the_preset_and_the_guide_says_how():
+    files = classroom_switch().split("=", 1)[1].split(":")
+    assert files == [COMPOSE.name, CLASSROOM.name]
+    assert all((HERE / name).is_file() for name in files)
+    for secret in CLASSROOM_SECRETS:
+        assert re.search(rf"^{secret}=", CLASS_GUIDE.read_text(), re.M), f"the class guide does not show {secret}="
+
+
+def test_classroom_preset_sets_the_trainer_secrets_student_sign_up_and_read_only_provisioning(tmp_path):
+    """A trainer who copied .env.example (Grafana's password `admin` in it) and added the switch and the two secrets."""
+    example = ENV_EXAMPLE.read_text().splitlines()
+    secrets = [f"{name}={value}" for name, value in CLASSROOM_SECRETS.items()]
+    code, preset, stderr = rendered_compose(tmp_path, [*example, classroom_switch(), *secrets])
+    assert code == 0, stderr
+    code, default, stderr = rendered_compose(tmp_path, [*example, *secrets])
+    assert code == 0, stderr
+    services = preset["services"]
+
+    # Incidents and the simulator need the trainer's token.
+    assert services["payment-api"]["environment"]["ADMIN_TOKEN"] == CLASSROOM_SECRETS["ADMIN_TOKEN"]
+
+    # Grafana: the trainer's admin password, not .env.example's `admin`; students sign themselves up as Editors of
+    # the organization that holds the provisioned dashboard and data sources; nothing more.
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == CLASSROOM_SECRETS["CLASSROOM_GRAFANA_PASSWORD"] != "admin"
+    assert default["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "admin"
+    provider, = yaml.safe_load((HERE / "grafana" / "classroom" / "dashboards.yml").read_text())["providers"]
+    organizations = {provider["orgId"]} | {source.get("orgId", 1)
+                                           for source in yaml.safe_load(DATASOURCES.read_text())["datasources"]}
+    assert organizations == {int(grafana["GF_USERS_AUTO_ASSIGN_ORG_ID"])}
+    assert {key: grafana[key] for key in grafana if key.startswith(("GF_USERS_", "GF_AUTH_"))} == {
+        "GF_USERS_ALLOW_SIGN_UP": "true", "GF_USERS_VERIFY_EMAIL_ENABLED": "false", "GF_USERS_AUTO_ASSIGN_ORG": "true",
+        "GF_USERS_AUTO_ASSIGN_ORG_ID": "1", "GF_USERS_AUTO_ASSIGN_ORG_ROLE": "Editor",
+        "GF_USERS_ALLOW_ORG_CREATE": "false", "GF_USERS_EDITORS_CAN_ADMIN": "false", "GF_AUTH_ANONYMOUS_ENABLED": "false"}
+
+    # The provisioned dashboard cannot be saved from the UI: the classroom provider is mounted over the default one
+    # and differs from it in allowUiUpdates alone. The provisioned data sources are read-only (no `editable: true`).
+    default_volumes = set(default["services"]["grafana"]["volumes"])
+    added = set(services["grafana"]["volumes"]) - default_volumes
+    assert added == {f"{HERE}/grafana/classroom/dashboards.yml:/etc/grafana/provisioning/dashboards/dashboards.yml:ro"}
+    mounted_over = f"{HERE}/grafana/provisioning:/etc/grafana/provisioning:ro"
+    assert mounted_over in default_volumes and (HERE / "grafana/provisioning/dashboards/dashboards.yml").is_file()
+    default_provider, = yaml.safe_load(DASHBOARD_PROVIDERS.read_text())["providers"]
+    assert provider["allowUiUpdates"] is False and provider["disableDeletion"] is True
+    assert {**default_provider, "allowUiUpdates": False} == provider
+    assert not [source["name"] for source in yaml.safe_load(DATASOURCES.read_text())["datasources"]
+                if source.get("editable", False)]
+
+    # Prometheus: the same command, without the lifecycle API (POST /-/quit, /-/reload).
+    default_command = default["services"]["prometheus"]["command"]
+    assert "--web.enable-lifecycle" in default_command
+    assert services["prometheus"]["command"] == [arg for arg in default_command if arg != "--web.enable-lifecycle"]
+
+    # Nothing else changes: the same services, ports, images and, but for the above, the same settings.
+    assert services.keys() == default["services"].keys()
+    changed = {"payment-api": {"environment"}, "grafana": {"environment", "volumes"}, "prometheus": {"command"}}
+    for name, service in services.items():
+        for key in service.keys() | default["services"][name].keys():
+            if key not in changed.get(name, ()):  # docker-compose may list volumes in another order
+                assert unordered(service.get(key)) == unordered(default["services"][name].get(key)), (name, key)
+    overridden = yaml.safe_load(CLASSROOM.read_text())["services"]
+    for name in ("payment-api", "grafana"):
+        keys = overridden[name]["environment"].keys()
+        before = default["services"][name]["environment"]
+        after = services[name]["environment"]
+        assert {key: before[key] for key in before if key not in keys} == {
+            key: after[key] for key in before if key not in keys}
+
+
+@pytest.mark.parametrize("missing", sorted(CLASSROOM_SECRETS))
+def test_classroom_preset_refuses_to_start_without_a_secret_of_the_trainer(tmp_path, missing):
+    """.env.example's empty ADMIN_TOKEN and its Grafana password `admin` do not satisfy the preset."""
+    secrets = [f"{name}={value}" for name, value in CLASSROOM_SECRETS.items() if name != missing]
+    code, _, stderr = rendered_compose(tmp_path, [*ENV_EXAMPLE.read_text().splitlines(), classroom_switch(), *secrets])
+    assert code != 0
+    assert f"the classroom preset needs {missing} in .env" in stderr
