@@ -17,13 +17,16 @@ WORKDIR /app
 
 # Dependencies first, so editing payment_api.py does not re-run pip. requirements-tracing.txt is the
 # OpenTelemetry extra: installed here, it is used only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+# requirements-exercises.txt (PyYAML) lets the checks of students' work read YAML rule files.
 # Every dependency installs from a wheel (pure Python, or protobuf's prebuilt one): no compiler is needed.
-COPY requirements.txt requirements-tracing.txt ./
-RUN pip install --no-cache-dir -r requirements.txt -r requirements-tracing.txt
+COPY requirements.txt requirements-tracing.txt requirements-exercises.txt ./
+RUN pip install --no-cache-dir -r requirements.txt -r requirements-tracing.txt \
+    -r requirements-exercises.txt
 
 # The service, and its optional extras: history.py (`payment_api.py backfill`), openapi.py (/openapi.json),
-# tracing.py (OpenTelemetry traces) and console.html (the trainer's console at /).
-COPY payment_api.py history.py openapi.py tracing.py console.html ./
+# tracing.py (OpenTelemetry traces), exercises.py (the checks of students' work at /api/checks, with
+# PROMETHEUS_URL) and console.html (the trainer's console at /).
+COPY payment_api.py history.py openapi.py tracing.py exercises.py console.html ./
 
 # A numeric UID needs no /etc/passwd entry and lets Kubernetes' runAsNonRoot verify it.
 USER 10001

@@ -11,6 +11,9 @@ the hot loop (millions of payments; test_history checks they make the points the
 writes). The file becomes Prometheus blocks with
 `promtool tsdb create-blocks-from openmetrics --max-block-duration=87600h FILE DIR`.
 
+The traffic is the live service's with SIMULATION_PERIOD=86400 (payment_api.profile_factor): for
+diurnal, the UTC day and week, so a live service run that way continues the history's line.
+
 The history is a pure function of the seed and the time: each hour (a "chunk") draws its payments
 from a random generator seeded with the seed and the chunk's start, so separate runs for Prometheus
 and InfluxDB, any number of worker processes, and a longer --days all give the same payments for
@@ -24,6 +27,7 @@ Sections, in reading order: options; the plan (time range, samples, incidents); 
 import argparse
 import bisect
 import contextlib
+import errno
 import functools
 import itertools
 import json
@@ -37,6 +41,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -56,12 +61,19 @@ from payment_api import (AMOUNT_BANDS, CURRENCY_WEIGHTS, CUSTOMER_IDS, CUSTOMER_
 
 # the name in messages and --help, however it is started: the command the docs teach
 PROG = "payment_api.py backfill"
-DAY = 86400
+DAY = payment_api.DAY_SECONDS
 MAX_DAYS = 31
 # seconds between samples: 5 samples in every [5m] window of the dashboard and the alerts
 DEFAULT_STEP = 60
 MAX_STEP = 150  # rate(x[5m]) needs 2 samples in each window
-DEFAULT_SEED = 1
+# The last hour is sampled as often as the shipped configs scrape the live service, so a [5m]
+# window across the seam has alike samples on both sides. rate() extrapolates a window less when
+# its first sample lies farther from its start than the samples lie apart on average: 60 s
+# samples beside 15 s ones read up to a fifth low. That now happens an hour before the end only.
+SEAM_SECONDS = 3600
+SEAM_STEP = 15
+EPOCH = "1970-01-01T00:00:00Z"
+DEFAULT_SEED = payment_api.DEFAULT_SHAPE_SEED  # the live shape's when SIMULATION_SEED is unset
 # the scrape job of prometheus/prometheus.yml and prometheus.local.yml
 DEFAULT_JOB = "payment-api"
 # the target of prometheus.local.yml (compose passes --live-url)
@@ -81,6 +93,7 @@ INFLUXDB_RETRIES = payment_api.InfluxExporter.RETRIES  # as the live export retr
 FAMILIES = ("payment_requests", "payment_amount", "payment_duration_seconds", "payment_refunds",
             "payment_refund_amount", "active_payments", "payment_failure_rate",
             "payment_simulation_rate", "payment_daily_revenue", "payment_scenario_active")
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)  # no space left, or the user's quota spent
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP")
                      if hasattr(signal, name))
 
@@ -89,6 +102,14 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SI
 
 class OptionError(Exception):
     """An option the backfill cannot use; the message names it."""
+
+
+class OutputFailed(Exception):
+    """Writing the file failed (its disk is full, or it went away): exit 1, nothing left."""
+
+    def __init__(self, name, error):
+        cause = "the disk is full" if error.errno in FULL_DISK else error.strerror or str(error)
+        super().__init__(f"--openmetrics: cannot write {name}: {cause}; it was not written")
 
 
 class Parser(argparse.ArgumentParser):
@@ -112,19 +133,22 @@ def checked(kind, low, high, what):
 
 
 def parse_end(text):
-    """ISO-8601 time (Z or an offset; no offset means UTC) as whole epoch seconds, not in the
-    future."""
+    """ISO-8601 time (Z or an offset; no offset means UTC) as whole epoch seconds, after 1970
+    began and not in the future."""
     try:
         moment = datetime.fromisoformat(text.strip().replace("z", "Z"))
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        end = math.floor(moment.timestamp())
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError("must be an ISO-8601 UTC time like "
                                          f"2026-11-20T06:00:00Z, not {text!r}")
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    end = math.floor(moment.timestamp())
     if end > time.time() + 1:
         raise argparse.ArgumentTypeError(f"{text!r} is in the future; "
                                          "the history ends at the latest now")
+    if end <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not after {EPOCH}, where Unix time "
+                                         "(and Prometheus') begins")
     return end
 
 
@@ -187,6 +211,9 @@ def add_output_options(parser):
     parser.add_argument("--openmetrics", metavar="FILE",
                         help="write the metrics' history to FILE (it appears under that name only "
                         "when complete)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace FILE if it exists (without it, an existing FILE stops the "
+                        "command)")
     parser.add_argument("--influxdb", action="store_true",
                         help="write one point a payment and one a refund to the InfluxDB of the "
                         "INFLUXDB_* settings, exactly like the live export")
@@ -203,11 +230,12 @@ def add_traffic_options(parser, settings):
     most = payment_api.MAX_SIMULATION_RATE
     rate = checked(float, 0, most, f"payments per second above 0, at most {most:g}")
     parser.add_argument("--rate", type=rate, default=default_rate,
-                        help=f"average payments per second (default SIMULATION_RATE, "
-                        f"{default_rate:g})")
+                        help=f"average payments per second, over each UTC week for diurnal "
+                        f"(default SIMULATION_RATE, {default_rate:g})")
     parser.add_argument("--profile", choices=payment_api.PROFILES, default="diurnal",
-                        help="traffic shape; diurnal has a 24-hour period: quiet at 00:00 UTC, "
-                        "busiest at 12:00 (default diurnal)")
+                        help="traffic shape, as the live service's with SIMULATION_PERIOD=86400: "
+                        "diurnal is quiet at 00:00 UTC, busiest at 12:00, lower on weekends and "
+                        "a little different every day, drawn from --seed (default diurnal)")
     parser.add_argument("--no-incidents", action="store_true",
                         help="no past incidents (by default one runs in every 8 hours)")
 
@@ -282,21 +310,29 @@ class Plan:
     def first_sample(self):
         return -(-self.start // self.step) * self.step
 
+    def seam_samples(self):
+        """(first, step) of the samples of the last SEAM_SECONDS: every SEAM_STEP at most."""
+        step = min(self.step, SEAM_STEP)
+        first = max(self.start, self.end - SEAM_SECONDS)
+        return -(-first // step) * step, step
+
     def sample_times(self):
-        """Samples at every multiple of the step from the start, and one at the end."""
-        times = range(self.first_sample(), self.end + 1, self.step)
-        if not times or times[-1] != self.end:
-            return [*times, self.end]
-        return list(times)
+        """Samples at every multiple of the step from the start, of the seam's step in the last
+        SEAM_SECONDS, and one at the end."""
+        seam_first, seam_step = self.seam_samples()
+        times = [*range(self.first_sample(), seam_first, self.step),
+                 *range(seam_first, self.end + 1, seam_step)]
+        if times[-1] != self.end:
+            times.append(self.end)
+        return times
 
     def effects_at(self, moment):
         return effects_at(self.incidents, moment)
 
     def rate_at(self, moment, effects):
-        """Payments per second at `moment`; diurnal follows the UTC clock, quiet at midnight,
-        busiest at noon."""
-        elapsed = moment % DAY if self.profile == "diurnal" else moment
-        factor = payment_api.profile_factor(self.profile, elapsed, DAY)
+        """Payments per second at `moment`: the live service's shape with a 24-hour period, so
+        diurnal follows the UTC clock and the week (payment_api.utc_day_factor)."""
+        factor = payment_api.profile_factor(self.profile, moment, DAY, moment, self.seed)
         return self.rate * factor * effects.rate_factor
 
 
@@ -527,6 +563,10 @@ class ChunkCounts:
         self.width = layout.width
         self.first_sample = plan.first_sample()
         self.step = plan.step
+        self.seam_first, self.seam_step = plan.seam_samples()
+        before_seam = range(self.first_sample, self.seam_first, self.step)
+        self.before_seam = len(before_seam)
+        self.last_before_seam = before_seam[-1] if before_seam else -math.inf
         self.instance = plan.influx_instance
         self.with_lines = plan.with_lines
         self.rows = {}
@@ -543,6 +583,8 @@ class ChunkCounts:
         rows = self.rows
         # the first sample at or after completion
         index = -int((self.first_sample - completed) // self.step)
+        if completed > self.last_before_seam:
+            index = self.seam_index(completed)
         row = rows.get(index) or rows.setdefault(index, [0] * self.width)
         row[request] += 1
         row[first_amount + bisect.bisect_left(AMOUNT_BUCKETS, amount)] += 1
@@ -552,6 +594,8 @@ class ChunkCounts:
         if revenue is not None:
             row[revenue] += amount
         started = -int((self.first_sample - arrival) // self.step)
+        if arrival > self.last_before_seam:
+            started = self.seam_index(arrival)
         # in flight at the samples from `started` up to (not including) `index`
         if started != index:
             row[self.active] -= 1
@@ -571,6 +615,8 @@ class ChunkCounts:
         _, currency, payment_type, customer_id, _ = fields
         refund_buckets, refund_sum = self.refund_slots[currency]
         index = -int((self.first_sample - refunded_at) // self.step)
+        if refunded_at > self.last_before_seam:
+            index = self.seam_index(refunded_at)
         row = self.rows.get(index) or self.rows.setdefault(index, [0] * self.width)
         row[refund_buckets + bisect.bisect_left(AMOUNT_BUCKETS, refund_amount)] += 1
         row[refund_sum] += refund_amount
@@ -579,6 +625,10 @@ class ChunkCounts:
             self.lines.append(f"refund,currency={currency},customer_id={customer_id},"
                               f"instance={self.instance},payment_type={payment_type} "
                               f"amount={refund_amount!r} {int(refunded_at * 1e9)}")
+
+    def seam_index(self, moment):
+        """The index of the first sample at or after `moment`, one of the last SEAM_SECONDS."""
+        return self.before_seam + max(0, -int((self.seam_first - moment) // self.seam_step))
 
     def end_body(self):
         self.bodies.append("\n".join(self.lines).encode())
@@ -774,6 +824,7 @@ class OpenMetricsWriter:
         self.series = self.make_series(target_labels)
         self.totals = [0] * self.layout.width
         self.histograms = self.layout.histograms()
+        self.recent = deque()  # (moment, completed, failed) of the intervals of the last minute
         self.samples = 0
 
     def open_parts(self):
@@ -888,15 +939,25 @@ class OpenMetricsWriter:
         # buckets are cumulative: le="0.1" counts everything up to 0.1
         for first, count in self.histograms:
             values[first:first + count] = itertools.accumulate(totals[first:first + count])
-        completed = sum(row[:layout.amount_buckets])
-        failed = sum(row[slot] for slot in self.failed_slots)
-        values[self.extra["failure_rate"]] = 100.0 * failed / completed if completed else 0.0
+        values[self.extra["failure_rate"]] = self.failure_rate(moment, row)
         values[self.extra["rate"]] = self.plan.rate_at(moment, self.plan.effects_at(moment))
         values[self.extra["up"]] = 1
         for incident in self.plan.incidents:
             if incident.start <= moment < incident.end:
                 values[self.extra[f"scenario {incident.scenario}"]] = 1
         return values
+
+    def failure_rate(self, moment, row):
+        """The percentage of the payments completed in the sample intervals of the last minute
+        that failed, as the live gauge counts it over 60 s (the interval ending at `moment` is
+        `row`)."""
+        completed = sum(row[:self.layout.amount_buckets])
+        self.recent.append((moment, completed, sum(row[slot] for slot in self.failed_slots)))
+        while self.recent[0][0] <= moment - payment_api.PaymentStats.WINDOW_SECONDS:
+            self.recent.popleft()
+        completed = sum(interval[1] for interval in self.recent)
+        failed = sum(interval[2] for interval in self.recent)
+        return 100.0 * failed / completed if completed else 0.0
 
     def finish(self):
         """Join the families into the file under a temporary name, add # EOF, rename it into
@@ -1099,10 +1160,7 @@ def check_outputs(options, settings):
     if not options.openmetrics and not options.influxdb:
         raise OptionError("--openmetrics FILE or --influxdb (or both) is required")
     if options.openmetrics:
-        path = os.path.abspath(options.openmetrics)
-        if os.path.isdir(path) or not os.access(os.path.dirname(path), os.W_OK):
-            raise OptionError(f"--openmetrics: cannot write {options.openmetrics} (its folder is "
-                              "missing or not writable, or it is a folder)")
+        check_file(options.openmetrics, options.force)
     if options.influxdb:
         if not settings.influxdb_url:
             raise OptionError("--influxdb: InfluxDB export is off (INFLUXDB_URL is empty)")
@@ -1111,6 +1169,39 @@ def check_outputs(options, settings):
         except ImportError:
             raise OptionError("--influxdb: the influxdb-client package is not installed "
                               "(pip install -r requirements.txt)") from None
+
+
+def check_file(name, force):
+    """OptionError unless the history can be written as `name` (--openmetrics): a new file, or
+    with `force` an existing regular one, in a folder where files can be created."""
+    path = os.path.abspath(name)
+    if os.path.isdir(path):
+        raise OptionError(f"--openmetrics: {name} is a folder")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise OptionError(f"--openmetrics: {name} exists and is not a regular file")
+    if os.path.exists(path) and not force:
+        raise OptionError(f"--openmetrics: {name} exists; add --force to replace it")
+    folder, base = os.path.split(path)
+    try:  # a missing or read-only folder (or one under /proc or /sys) says so now, not later
+        handle, probe = tempfile.mkstemp(prefix=f".{base}.", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        if error.errno in FULL_DISK:
+            raise OutputFailed(name, error) from None
+        raise OptionError(f"--openmetrics: cannot create files in {folder} "
+                          f"({error.strerror})") from None
+
+
+def check_span(options, end):
+    """OptionError unless --days holds a sample step at least and begins after 1970 began."""
+    seconds = round(options.days * DAY)
+    if seconds < options.step:
+        raise OptionError(f"--days: {options.days:g} days ({seconds} s) is shorter than one "
+                          f"sample step ({options.step} s, --step)")
+    if end - seconds < 0:
+        raise OptionError(f"--days: {options.days:g} days up to {iso(end)} would begin before "
+                          f"{EPOCH}, where Unix time (and Prometheus') begins")
 
 
 def end_and_instance(options):
@@ -1139,7 +1230,7 @@ def main(argv):
         print(f"{PROG}: stopped by {name} before the history was complete", file=sys.stderr,
               flush=True)
         return 128 + interruption.args[0]
-    except WorkerLost as error:
+    except (WorkerLost, OutputFailed) as error:
         print(f"{PROG}: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
@@ -1158,6 +1249,7 @@ def backfill(argv):
     try:
         check_outputs(options, settings)
         end, options.instance = end_and_instance(options)
+        check_span(options, end)
     except OptionError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 2
@@ -1207,6 +1299,10 @@ def run(plan, options):
         seconds = time.monotonic() - started
         print(f"{payments} payments and {refunds} refunds in {seconds:.1f} s", flush=True)
         return 1 if influx and influx.not_written else 0
+    except OSError as error:  # the file's writes: its disk is full, or its folder went away
+        if not writer:
+            raise
+        raise OutputFailed(options.openmetrics, error) from None
     finally:  # after success, an error or an interruption; the last does not wait for InfluxDB
         ignore_stop_signals()
         if writer:

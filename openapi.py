@@ -40,8 +40,11 @@ def document(settings, api):
         responses = operation["responses"]
         # framing, on every route
         responses.setdefault("400", {"$ref": "#/components/responses/BadRequest"})
-        if (method, path) not in overflow_answers(api):
+        if (method, path) not in overflow_answers(api):  # /health and /metrics always answer
             responses.setdefault("503", {"$ref": "#/components/responses/TooManyConnections"})
+            responses.setdefault("429", {"$ref": "#/components/responses/TooManyRequests"})
+        if method in api.CHANGES:
+            responses.setdefault("403", {"$ref": "#/components/responses/Forbidden"})
         operation["responses"] = dict(sorted(responses.items()))
         paths.setdefault(path, {})[method.lower()] = operation
     return {
@@ -84,7 +87,9 @@ def introduction(api):
 
 TAGS = {"payments": "Payments, refunds and the figures about them",
         "trainer": "The simulator and the incident scenarios a trainer starts",
-        "service": "Health, metrics, this document and the console page"}
+        "service": "Health, metrics, this document and the console page",
+        "checks": "Students' alert rules and dashboards, checked against the incidents that "
+                  "really happened (exercises.py; needs PROMETHEUS_URL)"}
 
 def overflow_answers(api):
     return {(method.decode(), path.decode()) for method, path in api.Overflow.ANSWERED_HERE}
@@ -99,10 +104,12 @@ def path_template(pattern):
 
 
 def path_parameter(api, name, settings):
-    schema = {"payment_id": {"type": "string", "pattern": r"^[^/]+$",
-                             "examples": ["pay_6f1c0e3a9b2d4c10"]},
-              "name": {"type": "string", "enum": list(api.SCENARIOS)}}[name]
-    return {"name": name, "in": "path", "required": True, "schema": schema,
+    """A payment id (other text is a 404 too), or a scenario: traffic_surge for an example,
+    since no alert fires for it."""
+    schema = {"payment_id": {**PAYMENT_ID, "examples": ["pay_6f1c0e3a9b2d4c10"]},
+              "name": {"type": "string", "enum": list(api.SCENARIOS),
+                       "examples": [name for name in api.SCENARIOS if name == "traffic_surge"]}}
+    return {"name": name, "in": "path", "required": True, "schema": schema[name],
             "description": {
                 "payment_id": "a paymentId; one of the most recent STORE_SIZE payments",
                 "name": "a scenario; another name is 404"}[name]}
@@ -243,19 +250,22 @@ def list_payments(api, settings):
                 "description": "only payments with this " + name}
                for name, schema in listing_filter_schemas(api, settings).items()]
     limit = {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": largest_whole_number(api),
-                        "default": 50},
+             "schema": {"type": "integer", "minimum": 1, "maximum": api.MAX_PAGE, "default": 50},
              "description": "how many, newest first (at most STORE_SIZE are kept)"}
+    cursor = {"name": "cursor", "in": "query", "required": False,
+              "schema": {"type": "string", "pattern": or_empty(PAYMENT_ID["pattern"]),
+                         "default": ""},
+              "description": "the nextCursor of the page before: the payments after it; empty: "
+                             "from the newest. A payment no longer kept is a 400."}
+    payment = api.payment_json(example_payment(api, settings, 200))
     return {"tags": ["payments"], "summary": "The most recent payments, newest first",
             "description": "Another query parameter is a 400 naming it.",
-            "parameters": [limit, *filters],
+            "parameters": [limit, cursor, *filters],
             "responses": {
-                "200": json_response("the payments", ref("PaymentList"),
-                                     {"count": 1,
-                                      "payments": [api.payment_json(example_payment(api, settings,
-                                                                                    200))]}),
+                "200": json_response("the payments", ref("PaymentList"), {
+                    "count": 1, "payments": [payment], "nextCursor": None}),
                 "400": error_response("an unknown parameter or a value not allowed", examples={
-                    "unknown": api.InvalidField("page", "unknown parameter; known: limit, "
+                    "unknown": api.InvalidField("page", "unknown parameter; known: limit, cursor, "
                                                 + ", ".join(api.LISTING_FILTERS)).body})}}
 
 
@@ -340,8 +350,10 @@ def get_simulation(api, settings):
 def put_simulation(api, settings):
     return {"tags": ["trainer"], "summary": "Change the simulator at runtime",
             "description": "Only the fields sent change; a new seed restarts the random sequence.",
-            "requestBody": json_body(ref("SimulationChange"), True, {"rate": 50,
-                                                                     "profile": "bursty"}),
+            "requestBody": json_body(ref("SimulationChange"), True, examples={
+                "as at start": {name: simulation_example(settings)[name]
+                                for name in ("enabled", "rate", "profile")},
+                "busier": {"rate": 50, "profile": "bursty"}}),
             "responses": {"200": json_response("the settings now", ref("Simulation"),
                                                simulation_example(settings)),
                           **BODY_ERRORS}}
@@ -379,11 +391,200 @@ def stop_scenario(api, settings):
                           "404": unknown_scenario_response(api)}}
 
 
+# ---------------------------------------------------------------- operations: checking students'
+# work (exercises.py, with PROMETHEUS_URL)
+
+RULE_FILE_EXAMPLE = {"groups": [{"name": "student", "rules": [{
+    "alert": "PaymentErrors", "for": "5m",
+    "expr": 'sum(rate(payment_requests_total{status="500"}[5m])) '
+            "/ sum(rate(payment_requests_total[5m])) > 0.05"}]}]}
+RULE_FILE_YAML = """groups:
+  - name: student
+    rules:
+      - alert: PaymentErrors
+        expr: >-
+          sum(rate(payment_requests_total{status="500"}[5m]))
+          / sum(rate(payment_requests_total[5m])) > 0.05
+        for: 5m
+"""
+SUCCESS_RATE = ('sum(rate(payment_requests_total{status="200",currency=~"$currency"}[5m])) / '
+                'sum(rate(payment_requests_total{currency=~"$currency"}[5m])) * 100')
+DASHBOARD_EXAMPLE = {
+    "title": "My payments",
+    "templating": {"list": [{"name": "currency", "type": "query", "includeAll": True,
+                             "multi": True, "datasource": {"type": "prometheus"},
+                             "query": "label_values(payment_requests_total, currency)"}]},
+    "panels": [{"id": 1, "title": "Success rate", "type": "stat",
+                "datasource": {"type": "prometheus"},
+                "fieldConfig": {"defaults": {"unit": "percent"}},
+                "targets": [{"refId": "A", "expr": SUCCESS_RATE}]},
+               {"id": 2, "title": "Payments by currency", "type": "timeseries",
+                "datasource": {"type": "prometheus"},
+                "targets": [{"refId": "A", "expr": "sum by (currency) (rate(payment_request_total"
+                                                   '{currency=~"$currency"}[5m]))'}]}]}
+
+
+def check_parameters(api, since):
+    """?since= and ?end=: the window a check looks at, as exercises.py's --since and --end."""
+    most = api.MOST_CHECK_SINCE // 86400
+    return [{"name": "since", "in": "query", "required": False,
+             "schema": {"type": "string", "minLength": 1, "default": since,
+                        "pattern": "^(?:[0-9]+y)?(?:[0-9]+w)?(?:[0-9]+d)?(?:[0-9]+h)?"
+                                   "(?:[0-9]+m)?(?:[0-9]+s)?(?:[0-9]+ms)?$"},
+             "description": "how far back to look, a Prometheus duration (30m, 6h, 2d): more "
+                            f"than 0 and at most {most}d"},
+            {"name": "end", "in": "query", "required": False,
+             "schema": {"type": "string", "default": "", "examples": ["2026-11-20T00:00:00Z"]},
+             "description": "the end of the window, ISO-8601 UTC; empty: now"}]
+
+
+def check_errors(api):
+    """What every check may answer instead of its report."""
+    busy = json_response(f"{api.MAX_CHECKS} checks run already, or too many connections: "
+                         "retry in a few seconds", ref("Error"),
+                         examples={"checks": api.ChecksBusy().body,
+                                   "connections": json.loads(api.Overflow.BUSY)},
+                         headers={"Retry-After": ref("RetryAfter", "headers")})
+    return {
+        "400": error_response("an unknown parameter, or `since` or `end` not allowed",
+                              api.InvalidField("since", "since must be a Prometheus duration "
+                                               "(30m, 6h, 2d), more than 0 and at most "
+                                               "7d").body),
+        "404": error_response("exercises.py is not installed beside payment_api.py",
+                              api.NotFound("the checks (exercises.py) are not installed beside "
+                                           "payment_api.py").body),
+        "409": error_response("checks are off: the service runs without PROMETHEUS_URL",
+                              api.Conflict(api.CHECKS_OFF).body),
+        "502": error_response("Prometheus did not answer, or failed a query", api.BadGateway(
+            "no answer from Prometheus at http://prometheus:9090 ([Errno 111] Connection "
+            "refused)").body),
+        "503": busy,
+        "504": error_response(f"the check took more than {api.CHECK_SECONDS} s",
+                              api.GatewayTimeout().body)}
+
+
+def document_errors(api, types, refused):
+    """The answers to a document that cannot be read or checked."""
+    return {
+        "408": ref("RequestTimeout", "responses"), "411": ref("LengthRequired", "responses"),
+        "413": error_response(f"a body over {api.MAX_CHECK_BODY_BYTES} bytes", api.PayloadTooLarge(
+            f"body is larger than {api.MAX_CHECK_BODY_BYTES} bytes").body),
+        "415": error_response("another Content-Type; or YAML while PyYAML is not installed",
+                              api.UnsupportedMediaType("Content-Type must be "
+                                                       + " or ".join(types)).body),
+        "422": error_response("a document Prometheus or Grafana would refuse: the error names "
+                              "the rule or the panel, and the problem", {"error": refused})}
+
+
+def checks(api, settings):
+    url = settings.prometheus_url
+    return {"tags": ["checks"], "summary": "Whether checks are on, and what they take",
+            "responses": {"200": json_response("the checks' state", ref("Checks"), {
+                "enabled": bool(url), "prometheus": url or None,
+                "message": f"checks ask the Prometheus at {url}" if url else api.CHECKS_OFF,
+                "yamlRuleFiles": True, "maxBodyBytes": api.MAX_CHECK_BODY_BYTES,
+                "mostSinceSeconds": api.MOST_CHECK_SINCE,
+                "asks": {"currency_variable": "a $currency variable"}})}}
+
+
+def answer_key(api, settings):
+    incident = {**INCIDENT_EXAMPLE, "alerts": [{"alertname": "HighPaymentErrorRate",
+                                                "fired_at": "2026-11-19T06:08:00Z",
+                                                "after_seconds": 360.0}]}
+    return {"tags": ["checks"],
+            "summary": "The answer key: every incident and the alerts it fired",
+            "description": "What `exercises.py incidents --json` prints (docs/exercises.md).",
+            "parameters": check_parameters(api, "7d"),
+            "responses": {"200": json_response("the incidents, oldest first", ref("AnswerKey"), {
+                **WINDOW_EXAMPLE, "incidents": [incident]}), **check_errors(api)}}
+
+
+def check_alerts(api, settings):
+    types = api.RULE_FILE_TYPES
+    return {"tags": ["checks"], "summary": "Score a rule file's alerting rules",
+            "description": "What `exercises.py alerts RULES.yml --json` prints: each alerting "
+                           "rule evaluated by Prometheus over the window and laid over the "
+                           "incidents "
+                           "(docs/exercises.md). The body is the rule file, YAML or JSON; it is "
+                           "only read.",
+            "parameters": check_parameters(api, "7d"),
+            "requestBody": {"required": True, "content": {
+                "application/yaml": {"schema": {"type": "string"}, "example": RULE_FILE_YAML},
+                "application/json": {"schema": ref("RuleFile"), "example": RULE_FILE_EXAMPLE}}},
+            "responses": {"200": json_response("every alerting rule, scored",
+                                               ref("AlertsReport"), alerts_report_example()),
+                          **check_errors(api), **document_errors(api, types, (
+                              'group "student", rule 1, "PaymentErrors": could not parse '
+                              "expression: 1:6: parse error: expected type range vector in call "
+                              'to function "rate", got instant vector'))}}
+
+
+def check_dashboard(api, settings):
+    return {"tags": ["checks"], "summary": "Check a dashboard's panels and the course's asks",
+            "description": "What `exercises.py dashboard DASHBOARD.json --json` prints: every "
+                           "Prometheus query of every panel run with its variables at All and "
+                           "at each value (docs/exercises.md). The body is Grafana's JSON "
+                           "export; it is only read.",
+            "parameters": check_parameters(api, "6h"),
+            "requestBody": json_body(ref("Dashboard"), True, DASHBOARD_EXAMPLE),
+            "responses": {"200": json_response("the panels that fail or show nothing, and the "
+                                               "asks met", ref("DashboardReport"),
+                                               dashboard_report_example()),
+                          **check_errors(api), **document_errors(api, ("application/json",), (
+                              "not a Grafana dashboard: there is no panels list (export it "
+                              "with Share > Export > Save to file)"))}}
+
+
+WINDOW_EXAMPLE = {"prometheus": "http://prometheus:9090", "start": "2026-11-13T00:00:00Z",
+                  "end": "2026-11-20T00:00:00Z"}
+INCIDENT_EXAMPLE = {"scenario": "error_spike", "start": "2026-11-19T06:02:00Z",
+                    "end": "2026-11-19T06:21:00Z", "running": False, "duration_seconds": 1140.0}
+
+
+def alerts_report_example():
+    caught = {"incidents": 1, "caught": 1, "delays_seconds": [360.0]}
+    score = {"name": "PaymentErrors", "group": "student", "number": 1,
+             "expr": RULE_FILE_EXAMPLE["groups"][0]["rules"][0]["expr"], "interval_seconds": 60,
+             "for_seconds": 300, "keep_firing_for_seconds": 0, "grace_seconds": 420,
+             "target": "error_spike", "incidents": 1, "caught": 1, "missed": 0,
+             "delays_seconds": [360.0], "false_alarm_seconds": 0, "false_alarms": [],
+             "firing_seconds": 1380.0, "by_scenario": {"error_spike": caught}, "hint": "",
+             "verdict": "caught 1 of 1 error_spike incident, 6 m after it began; no false alarm",
+             "ok": True}
+    return {**WINDOW_EXAMPLE, "default_interval_seconds": 60, "incidents": [INCIDENT_EXAMPLE],
+            "rules": [score], "ok": True}
+
+
+def dashboard_report_example():
+    asks = {"currency_variable": True, "payment_type_variable": False,
+            "panels_use_currency": True, "panels_use_payment_type": False,
+            "customer_filter": False, "success_rate_panel": True,
+            "latency_percentile_panel": False, "revenue_by_currency": False,
+            "success_rate_agrees": True}
+    query = DASHBOARD_EXAMPLE["panels"][1]["targets"][0]["expr"]
+    empty = {"title": "Payments by currency", "id": 2, "ref": "A", "query": query,
+             "problem": "returns nothing for any value of its variables: no metric "
+                        "payment_request_total in Prometheus (did you mean "
+                        "payment_requests_total?)",
+             "selections": ["All", "currency=EUR", "currency=GBP", "currency=USD"]}
+    success = {"title": "Success rate",
+               "query": SUCCESS_RATE.replace("$currency", "(EUR|GBP|USD)"),
+               "truth_query": 'sum(rate(payment_requests_total{status="200"}[300s])) / '
+                              "sum(rate(payment_requests_total[300s])) * 100",
+               "panel_percent": [95.789, 98.741, 95.27, 96.007],
+               "truth_percent": [95.789, 98.741, 95.27, 96.007], "several_series": False,
+               "agrees": True}
+    return {**WINDOW_EXAMPLE, "start": "2026-11-19T18:00:00Z", "title": "My payments",
+            "step_seconds": 90, "variables": {"currency": ["EUR", "GBP", "USD"]},
+            "checked_queries": 2, "query_runs": 8, "empty_panels": [empty], "not_checked": [],
+            "notes": [], "asks": asks, "success_rate": success, "ok": False}
+
+
 OPERATIONS = {describe.__name__: describe for describe in (
     console, openapi_document, health, metrics, create_payment, list_payments, payment_stats,
     activity,
     get_payment, create_refund, get_simulation, put_simulation, list_scenarios, scenario_history,
-    start_scenario, stop_scenario)}
+    start_scenario, stop_scenario, checks, answer_key, check_alerts, check_dashboard)}
 
 # ---------------------------------------------------------------- examples, made by the service's
 # own code
@@ -449,9 +650,9 @@ SOURCES = ["api", "simulator"]  # who made a payment or a refund
 
 
 def schemas(api, settings):
-    """Every schema the operations refer to, in three groups."""
+    """Every schema the operations refer to, in four groups."""
     return {**payment_schemas(api, settings), **service_schemas(api, settings),
-            **trainer_schemas(api)}
+            **trainer_schemas(api), **check_schemas()}
 
 
 def payment_schemas(api, settings):
@@ -466,8 +667,10 @@ def payment_schemas(api, settings):
                       "description": "the field, parameter or header at fault"}}},
         "PaymentRequest": payment_request_schema(api, settings, amount),
         "RefundRequest": {
-            "description": "No body, null or {} refunds all that remains.",
-            "type": ["object", "null"], "additionalProperties": True,
+            "description": "No body, null or {} refunds all that remains; another field than "
+                           "amount is a 400 naming it.",
+            "type": ["object", "null"], "additionalProperties": False,
+            "default": {"amount": None},
             "properties": {"amount": {**amount, "type": ["number", "null"],
                                       "description": "default (or null): all that remains"}}},
         "Payment": {"oneOf": [ref("CompletedPayment"), ref("DeclinedPayment"),
@@ -476,10 +679,13 @@ def payment_schemas(api, settings):
                                                                         "refunds"]),
         "DeclinedPayment": payment_schema(api, settings, "declined", ["error", "declineCode"]),
         "FailedPayment": payment_schema(api, settings, "failed", ["error"]),
-        "PaymentList": {"type": "object", "required": ["count", "payments"],
+        "PaymentList": {"type": "object", "required": ["count", "payments", "nextCursor"],
                         "additionalProperties": False,
                         "properties": {"count": {"type": "integer", "minimum": 0},
-                                       "payments": {"type": "array", "items": ref("Payment")}}},
+                                       "payments": {"type": "array", "items": ref("Payment")},
+                                       "nextCursor": {**PAYMENT_ID, "type": ["string", "null"],
+                                                      "description": "the cursor of the next "
+                                                      "page; null: no more"}}},
         "Refund": refund_schema(api, settings),
         "RefundResult": refund_schema(api, settings, refundedAmount=answered_amount(api),
                                       remainingAmount=answered_amount(api)),
@@ -532,9 +738,9 @@ def trainer_schemas(api):
         "Simulation": {"type": "object", "additionalProperties": False,
                        "required": ["enabled", "rate", "profile", "seed"],
                        "properties": simulation_properties(api)},
-        "SimulationChange": {"type": "object", "additionalProperties": False,
-                             "description": "Any of the fields; another field is a 400 naming it.",
-                             "properties": simulation_properties(api)},
+        "SimulationChange": {"type": "object", "additionalProperties": False, "default": {},
+                             "properties": simulation_properties(api), "description": "Any of "
+                             "the fields; another is a 400 naming it; {} changes nothing."},
         "Scenario": {"type": "object", "additionalProperties": False,
                      "required": ["name", "description", "active", "startedAt", "endsAt"],
                      "properties": {"name": {"enum": list(api.SCENARIOS)},
@@ -546,26 +752,100 @@ def trainer_schemas(api):
         "ScenarioList": {"type": "object", "required": ["scenarios"],
                          "additionalProperties": False,
                          "properties": {"scenarios": {"type": "array", "items": ref("Scenario")}}},
-        "ScenarioHistory": {"type": "object", "required": ["history"],
-                            "additionalProperties": False,
-                            "properties": {"history": {"type": "array", "items": {
-                                "type": "object", "additionalProperties": False,
-                                "required": ["scenario", "startedAt", "startedBy", "stoppedAt",
-                                             "stoppedBy"],
-                                "properties": {"scenario": {"enum": list(api.SCENARIOS)},
-                                               "startedAt": TIMESTAMP,
-                                               "startedBy": {"enum": ["api", "schedule"]},
-                                               "stoppedAt": {**TIMESTAMP, "type": ["string",
-                                                                                   "null"]},
-                                               "stoppedBy": {"enum": ["api", "schedule",
-                                                                      "duration", None]}}}}}},
+        "ScenarioHistory": scenario_history_schema(api),
         "ScenarioStart": {"type": ["object", "null"], "additionalProperties": True,
+                          "default": {"duration": None},
                           "description": "No body, null or {} runs the scenario until stopped.",
                           "properties": {"duration": {"type": ["number", "null"],
                                                       "exclusiveMinimum": 0,
                                                       "maximum": api.MAX_SCENARIO_SECONDS,
                                                       "description": "seconds"}}},
     }
+
+
+def check_schemas():
+    """The checks of students' work: their state, what they take, the answer key."""
+    moment = {"type": "string", "format": "date-time", "pattern": "Z$"}
+    window = {"prometheus": {"type": "string"}, "start": moment, "end": moment}
+    alert = {"type": "object", "required": ["alertname", "fired_at", "after_seconds"],
+             "properties": {"alertname": {"type": "string"}, "fired_at": moment,
+                            "after_seconds": {"type": "number",
+                                              "description": "negative: firing before"}}}
+    return {
+        "Checks": {"type": "object", "additionalProperties": False, "required": [
+            "enabled", "prometheus", "message", "yamlRuleFiles", "maxBodyBytes",
+            "mostSinceSeconds", "asks"], "properties": {
+            "enabled": {"type": "boolean", "description": "false without PROMETHEUS_URL"},
+            "prometheus": {"type": ["string", "null"]}, "message": {"type": "string"},
+            "yamlRuleFiles": {"type": "boolean", "description": "false without PyYAML: send "
+                              "rule files as JSON"},
+            "maxBodyBytes": {"type": "integer"}, "mostSinceSeconds": {"type": "integer"},
+            "asks": {"type": "object", "additionalProperties": {"type": "string"},
+                     "description": "the course's asks of a dashboard, in words"}}},
+        "Incident": {"type": "object", "required": ["scenario", "start", "end", "running",
+                                                    "duration_seconds"], "properties": {
+            "scenario": {"type": "string"}, "start": moment,
+            "end": {**moment, "type": ["string", "null"], "description": "null: running"},
+            "running": {"type": "boolean"}, "duration_seconds": {"type": "number"}}},
+        "AnswerKey": {"type": "object", "required": [*window, "incidents"], "properties": {
+            **window, "incidents": {"type": "array", "items": {"allOf": [ref("Incident"), {
+                "type": "object", "required": ["alerts"],
+                "properties": {"alerts": {"type": "array", "items": alert}}}]}}}},
+        "RuleFile": {"type": "object", "required": ["groups"], "description": "a Prometheus "
+                     "rule file written as JSON", "properties": {"groups": {
+                         "type": "array", "items": {"type": "object", "required": ["name"],
+                                                    "properties": {"name": {"type": "string"},
+                                                                   "rules": {"type": "array"}}}}}},
+        "Dashboard": {"type": "object", "description": "Grafana's JSON export of a dashboard "
+                      "(or the API's {\"dashboard\": ...}): a `panels` list, `templating`"},
+        **report_schemas(window),
+    }
+
+
+def report_schemas(window):
+    """A rule file's scores and a dashboard's check, as exercises.py's --json prints them."""
+    count = {"type": "integer", "minimum": 0}
+    seconds = {"type": "number", "minimum": 0}
+    score = {"name": {"type": "string"}, "group": {"type": "string"}, "number": count,
+             "expr": {"type": "string"}, "interval_seconds": seconds, "for_seconds": seconds,
+             "keep_firing_for_seconds": seconds, "grace_seconds": seconds,
+             "target": {"type": ["string", "null"]}, "incidents": count, "caught": count,
+             "missed": count, "delays_seconds": {"type": "array", "items": {"type": "number"}},
+             "false_alarm_seconds": seconds, "false_alarms": {"type": "array"},
+             "firing_seconds": seconds, "by_scenario": {"type": "object"},
+             "hint": {"type": "string"}, "verdict": {"type": "string"}, "ok": {"type": "boolean"}}
+    board = {"title": {"type": "string"}, "step_seconds": seconds, "variables": {"type": "object"},
+             "checked_queries": count, "query_runs": count, "empty_panels": {
+                 "type": "array", "items": {"type": "object", "required": [
+                     "title", "ref", "query", "problem", "selections"]}},
+             "not_checked": {"type": "array"}, "notes": {"type": "array"},
+             "asks": {"type": "object", "additionalProperties": {"type": "boolean"}},
+             "success_rate": {"type": ["object", "null"]}, "ok": {"type": "boolean"}}
+    return {
+        "AlertsReport": {"type": "object", "required": [
+            *window, "default_interval_seconds", "incidents", "rules", "ok"], "properties": {
+            **window, "default_interval_seconds": seconds,
+            "incidents": {"type": "array", "items": ref("Incident")},
+            "rules": {"type": "array", "items": {"type": "object", "required": list(score),
+                                                 "properties": score}},
+            "ok": {"type": "boolean", "description": "every rule caught an incident of its "
+                                                    "target and raised no false alarm"}}},
+        "DashboardReport": {"type": "object", "required": [*window, *board],
+                            "properties": {**window, **board}},
+    }
+
+
+def scenario_history_schema(api):
+    """What ran when: one entry a start, oldest first."""
+    started_by = ["api", "schedule"]
+    entry = {"type": "object", "additionalProperties": False,
+             "required": ["scenario", "startedAt", "startedBy", "stoppedAt", "stoppedBy"],
+             "properties": {"scenario": {"enum": list(api.SCENARIOS)},
+                            "startedAt": TIMESTAMP, "startedBy": {"enum": started_by},
+                            "stoppedAt": {**TIMESTAMP, "type": ["string", "null"]},
+                            "stoppedBy": {"enum": [*started_by, "duration", None]}}}
+    return {"type": "object", "required": ["history"], "additionalProperties": False,
+            "properties": {"history": {"type": "array", "items": entry}}}
 
 
 def payment_schema(api, settings, status, required):
@@ -620,7 +900,9 @@ def payment_request_schema(api, settings, amount):
         "type": "object", "additionalProperties": True,
         "required": ["amount"] if usd_default else ["amount", "currency"],
         "properties": {
-            "amount": amount,
+            "amount": {**amount, "default": 100,
+                       "description": "at most 2 decimals; required (the default is what an "
+                                      "API client fills in)"},
             "currency": {"type": "string", "pattern": any_case(settings.currencies),
                          "examples": list(settings.currencies),
                          **({"default": "USD"} if usd_default else {}),
@@ -631,12 +913,12 @@ def payment_request_schema(api, settings, amount):
                      "examples": list(api.PAYMENT_TYPES),
                      "description": "one of " + ", ".join(api.PAYMENT_TYPES) + ", in any case"},
             "customerId": {"type": ["string", "null"], "pattern": anchored(api.CUSTOMER_ID),
-                           "description": f"absent or null: a customer from a pool of "
-                                          f"{api.CUSTOMER_POOL}"},
+                           "default": None, "description": "absent or null: a customer from "
+                                                          f"a pool of {api.CUSTOMER_POOL}"},
             "paymentMethod": {"enum": list(api.PAYMENT_METHODS),
                               "default": api.PAYMENT_METHODS[0]},
             "cardNumber": {"type": ["string", "null"], "pattern": anchored(api.CARD_NUMBER),
-                           "format": "luhn",
+                           "format": "luhn", "default": None,
                            "description": "12-19 digits with a valid check digit (Luhn), with "
                                           "paymentMethod card only; only the last four are kept. "
                                           "Always declined: " + declined_cards}},
@@ -648,7 +930,8 @@ def payment_request_schema(api, settings, amount):
 
 def listing_filter_schemas(api, settings):
     """A schema for each of LISTING_FILTERS, in its order."""
-    known = {"customerId": {"type": "string", "pattern": anchored(api.CUSTOMER_ID)},
+    known = {"customerId": {"type": "string", "pattern": anchored(api.CUSTOMER_ID),
+                            "examples": ["cust_00042"]},
              "status": {"type": "string", "enum": list(api.PAYMENT_STATUSES)},
              "currency": {"type": "string", "pattern": any_case(settings.currencies),
                           "examples": list(settings.currencies)},
@@ -707,50 +990,52 @@ def any_case(words):
         return re.escape(character)
     return "^(?:" + "|".join("".join(map(any_case_letter, word)) for word in words) + ")$"
 
-
-def largest_whole_number(api):
-    """The largest number WHOLE_NUMBER lets through (query and header numbers are ASCII digits, so
-    many)."""
-    digits = 1
-    while api.WHOLE_NUMBER.fullmatch("9" * (digits + 1)):
-        digits += 1
-    return int("9" * digits)
-
 # ---------------------------------------------------------------- parameters, headers and shared
 # responses
 
 
 def header_parameters(api):
+    """The optional request headers. The default of each is what its absence means, so an API
+    client that sends every optional header filled in (Postman's converter does) changes
+    nothing: no fault, no delay, no key, no trace of another's."""
+    traceparent = example_trace(api).traceparent.replace(example_trace(api).span_id,
+                                                         "b7ad6b7169203331")
+    keep = (f"kept {api.IdempotencyKeys.KEEP_SECONDS // 3600} hours, at most "
+            f"{api.IdempotencyKeys.CAPACITY} keys")
     return {
-        "IdempotencyKey": {
-            "name": "Idempotency-Key", "in": "header", "required": False,
-            "schema": {"type": "string", "pattern": anchored(api.IDEMPOTENCY_KEY)},
-            "description": "For example an order number or a UUID, new for each payment or "
-                           "refund: a repeat with the "
-                           "same key and body gets the first answer again, and is not charged "
-                           "twice (kept "
-                           f"{api.IdempotencyKeys.KEEP_SECONDS // 3600} hours, at most "
-                           f"{api.IdempotencyKeys.CAPACITY} "
-                           "keys); a 503 or an invalid request is not remembered."},
-        "TraceParent": {
-            "name": "traceparent", "in": "header", "required": False, "schema": {"type": "string"},
-            "description": "W3C Trace Context: the payment joins this trace, as a child of this "
-                           "span; an invalid "
-                           "value is ignored (the payment starts a trace of its own)",
-            "example": example_trace(api).traceparent.replace(example_trace(api).span_id,
-                                                              "b7ad6b7169203331")},
-        "SimulateFailure": {
-            "name": "X-Simulate-Failure", "in": "header", "required": False,
-            "schema": {"type": "string", "pattern": optional_header(any_case(api.BOOLEAN_WORDS))},
-            "description": "true: this payment fails with 500", "example": "true"},
-        "SimulateLatency": {
-            "name": "X-Simulate-Latency", "in": "header", "required": False,
-            "schema": {"type": "string", "pattern": optional_header(
-                seconds_pattern(api, api.MAX_PROCESSING_SECONDS))},
-            "description": f"this payment takes so many seconds, at most "
-                           f"{api.MAX_PROCESSING_SECONDS:g}",
-            "example": "2.5"},
+        "IdempotencyKey": optional_header_parameter(
+            "Idempotency-Key", "", or_empty(anchored(api.IDEMPOTENCY_KEY)),
+            "For example an order number or a UUID, new for each payment or refund: a repeat "
+            "with the same key and body gets the first answer again, and is not charged twice "
+            f"({keep}); a 503 or an invalid request is not remembered. Empty: no key."),
+        "TraceParent": optional_header_parameter(
+            "traceparent", "", None,
+            f"W3C Trace Context, for example {traceparent}: the payment joins this trace, as a "
+            "child of this span; an empty or invalid value is ignored (the payment starts a "
+            "trace of its own)"),
+        "SimulateFailure": optional_header_parameter(
+            "X-Simulate-Failure", "false", optional_header(any_case(api.BOOLEAN_WORDS)),
+            "true: this payment fails with 500; false or empty: it does not"),
+        "SimulateLatency": optional_header_parameter(
+            "X-Simulate-Latency", "",
+            optional_header(seconds_pattern(api, api.MAX_PROCESSING_SECONDS)),
+            "for example 2.5: this payment takes so many seconds, at most "
+            f"{api.MAX_PROCESSING_SECONDS:g}; empty: the simulated processing time"),
     }
+
+
+def optional_header_parameter(name, default, pattern, description):
+    """A header a client may leave out; `default` is what leaving it out means."""
+    schema = {"type": "string", "default": default}
+    if pattern:
+        schema["pattern"] = pattern
+    return {"name": name, "in": "header", "required": False, "schema": schema,
+            "description": description}
+
+
+def or_empty(pattern):
+    """An anchored pattern that also accepts the empty text."""
+    return "^(?:" + pattern.removeprefix("^").removesuffix("$") + ")?$"
 
 
 def seconds_pattern(api, maximum):
@@ -804,4 +1089,19 @@ def shared_responses(api):
         "UnsupportedMediaType": error("a Content-Type other than application/json",
                                       "Content-Type must be application/json"),
         "TooManyConnections": busy,
+        "TooManyRequests": too_many_requests(api),
+        "Forbidden": error("a page of another site (its Origin is neither the service's own nor "
+                           "in ALLOWED_ORIGINS) may not change anything",
+                           api.Forbidden("a page from http://elsewhere.example may not change "
+                                         "this service; ALLOWED_ORIGINS lists the sites that "
+                                         "may").body["error"]),
     }
+
+
+def too_many_requests(api):
+    """429: one client address keeps its share of MAX_CONNECTIONS busy already."""
+    answer = error_response("this client already has MAX_CLIENT_SHARE of MAX_CONNECTIONS requests "
+                            "in progress: retry in a second",
+                            api.TooManyRequests("127.0.0.1", 64).body)
+    answer["headers"] = {"Retry-After": ref("RetryAfter", "headers")}
+    return answer

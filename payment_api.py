@@ -22,11 +22,13 @@ log_fields -> payment_answer -> the answer. A request with an Idempotency-Key ru
 inside IdempotencyKeys.answer_once (Part II), which remembers the answer for a retry.
 
 Part II, the machinery, keeps the service safe and fast without changing that path: connection
-guards (deadlines, framing, a cap with an overflow), idempotency keys, the exporter's states and
-stop, listing and the console's activity, and start-up plumbing. Each piece attaches to Part I as a
+guards (deadlines, framing, fair shares, cross-site refusals, a cap with an overflow), idempotency
+keys, the exporter's states and stop, listing and the console's activity, students' checks
+(exercises.py), and start-up plumbing. Each piece attaches to Part I as a
 subclass or a small hook, so Part I reads without it.
 """
 import argparse
+import base64
 import dataclasses
 import errno
 import functools
@@ -35,9 +37,11 @@ import hashlib
 import heapq
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -143,11 +147,39 @@ def parse_currencies(text):
     return codes
 
 
+def parse_token(text):
+    """A bearer token as a client can send it: visible ASCII, no space anywhere."""
+    if not re.fullmatch(r"[!-~]*", text):
+        raise ValueError("must be printable ASCII without spaces (a header carries it "
+                         "byte for byte; check for a space or line break at either end)")
+    return text
+
+
+def parse_origins(text):
+    """Web origins, e.g. http://grafana.example:3000, separated by commas."""
+    origins = tuple(origin.strip().lower().rstrip("/") for origin in text.split(",")
+                    if origin.strip())
+    if not all(re.fullmatch(r"https?://[^/\s]+", origin) for origin in origins):
+        raise ValueError("must be origins such as http://localhost:3000, separated by commas")
+    return origins
+
+
+def parse_networks(text):
+    """Addresses or networks (10.0.0.0/8), separated by commas."""
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                     for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError("must be IP addresses or networks such as 172.16.0.0/12, "
+                         "separated by commas") from None
+
+
 def setting(default, env, help, parse=str, aliases=(), lenient=False, secret=False):
     """A row of the settings table: its variable (or an older alias), its --help and its parser.
 
     A lenient setting falls back to its default, with a warning, when its value is wrong."""
-    metadata = {"env": env, "help": help, "parse": parse, "aliases": aliases, "lenient": lenient}
+    metadata = {"env": env, "help": help, "parse": parse, "aliases": aliases, "lenient": lenient,
+                "secret": secret}
     return field(default=default, repr=not secret, metadata=metadata)
 
 
@@ -193,7 +225,8 @@ class Settings:
     simulation_profile: str = setting("steady", "SIMULATION_PROFILE",
                                       "traffic shape: " + ", ".join(PROFILES), one_of(*PROFILES))
     simulation_period: float = setting(3600.0, "SIMULATION_PERIOD",
-                                       "length in seconds of one diurnal 'day'", number(float, 0))
+                                       "length in seconds of one diurnal 'day'; 86400 follows "
+                                       "the UTC clock and week, as the history", number(float, 0))
     simulation_seed: int = setting(None, "SIMULATION_SEED",
                                    "makes simulated payments reproducible (empty = random)",
                                    parse_optional_int)
@@ -201,10 +234,19 @@ class Settings:
                                        "e.g. error_spike@2m+5m,random@10m+3m/20m",
                                        lambda text: parse_schedule(text))  # see Part II
     admin_token: str = setting("", "ADMIN_TOKEN", "when set, changing scenarios or the "
-                               "simulator needs 'Authorization: Bearer <token>'", secret=True)
+                               "simulator needs 'Authorization: Bearer <token>'", parse_token,
+                               secret=True)
     max_connections: int = setting(256, "MAX_CONNECTIONS", "connections served at once, a "
                                    "thread each; more are answered 503 with Retry-After, "
                                    "except /health and /metrics", number(int, 1, 10_000))
+    client_share: float = setting(0.25, "MAX_CLIENT_SHARE", "share of MAX_CONNECTIONS one "
+                                  "client address may keep busy at once; more get 429",
+                                  number(float, 0.01, 1))
+    trusted_proxies: tuple = setting((), "TRUSTED_PROXIES", "proxies (addresses or networks) "
+                                     "whose X-Forwarded-For names the client", parse_networks)
+    allowed_origins: tuple = setting((), "ALLOWED_ORIGINS", "web origins besides the "
+                                     "service's own that may change things (POST, PUT, "
+                                     "DELETE) from a browser", parse_origins)
     shutdown_timeout: float = setting(8.0, "SHUTDOWN_TIMEOUT",
                                       "seconds to finish requests and InfluxDB writes on stop",
                                       number(float, 0))
@@ -226,6 +268,9 @@ class Settings:
     influxdb_buffer_size: int = setting(50_000, "INFLUXDB_BUFFER_SIZE", "points kept while "
                                         "InfluxDB is unreachable; more are dropped and counted",
                                         number(int, 1), lenient=True)
+    prometheus_url: str = setting("", "PROMETHEUS_URL", "Prometheus that checks students' alert "
+                                  "rules and dashboards (/api/checks, exercises.py); empty = "
+                                  "checks off", parse_url)
     # every OTEL_* variable, for the optional OpenTelemetry extra (tracing.py)
     otel_environment: dict = field(default_factory=dict, compare=False, repr=False)
     warnings: tuple = field(default=(), compare=False)
@@ -559,29 +604,40 @@ class Payment:
 
 
 class PaymentStore:
-    """The most recent payments by id, up to a fixed count: memory stays flat however long."""
+    """The most recent payments by id, up to a fixed count, and as many refunds in all as
+    payments: memory stays flat however long, and however many refunds clients make."""
 
     def __init__(self, capacity):
         self.capacity = capacity
         self._payments = OrderedDict()
+        self._refunds = 0  # of the payments kept
         self._lock = threading.Lock()
 
     def add(self, payment):
         with self._lock:
             self._payments[payment.payment_id] = payment
             if len(self._payments) > self.capacity:
-                self._payments.popitem(last=False)
+                self._forget_oldest()
+
+    def _forget_oldest(self):
+        _, oldest = self._payments.popitem(last=False)
+        self._refunds -= len(oldest.refunds)
 
     def get(self, payment_id):
         with self._lock:
             return self._payments.get(payment_id)
 
-    def recent(self, limit, matches=lambda payment: True):
-        """Up to `limit` payments, newest first, that `matches` accepts."""
+    def recent(self, limit, matches=lambda payment: True, start_after=None):
+        """Up to `limit` payments, newest first, that `matches` accepts; with `start_after` (a
+        payment id), only older ones, or None when that payment is no longer kept."""
         with self._lock:
             payments = list(self._payments.values())  # filtered outside the lock
-        newest_first = (payment for payment in reversed(payments) if matches(payment))
-        return [payment for payment, _ in zip(newest_first, range(limit))]
+        newest_first = reversed(payments)
+        if start_after is not None:  # any() stops at the id: the iterator goes on after it
+            if not any(payment.payment_id == start_after for payment in newest_first):
+                return None
+        matching = (payment for payment in newest_first if matches(payment))
+        return [payment for payment, _ in zip(matching, range(limit))]
 
     def refund(self, payment_id, amount, make_refund):
         """Check and record a refund of `amount` (None: all that remains) at once, so racing
@@ -596,14 +652,27 @@ class PaymentStore:
             remaining = payment.request.amount - payment.refunded
             if remaining <= 0:
                 raise Conflict("nothing left to refund on this payment")
-            if len(payment.refunds) >= MAX_REFUNDS:
-                raise Conflict(f"a payment can have at most {MAX_REFUNDS} refunds")
+            if len(payment.refunds) == MAX_REFUNDS - 1 and amount not in (None, remaining):
+                raise Unprocessable(f"a payment can have at most {MAX_REFUNDS} refunds: the "
+                                    f"last one returns all that remains ({remaining})",
+                                    field="amount", refundable=float(remaining))
             if amount is not None and amount > remaining:
                 raise Unprocessable(f"at most {remaining} {payment.request.currency} remains "
                                     "to refund", field="amount", refundable=float(remaining))
             refund = make_refund(payment, remaining if amount is None else amount)
             payment.refunds.append(refund)
+            self._refunds += 1
+            if self._refunds > self.capacity:
+                self._forget_oldest_refunded(besides=payment_id)
             return refund, payment
+
+    def _forget_oldest_refunded(self, besides):
+        """Over the refund budget: the oldest payment with refunds (not `besides`) makes room."""
+        for payment_id, kept in self._payments.items():
+            if kept.refunds and payment_id != besides:
+                del self._payments[payment_id]  # and no further step of this loop
+                self._refunds -= len(kept.refunds)
+                return
 
 # ---------------------------------------------------------------- 4. processing
 
@@ -1214,7 +1283,11 @@ class PaymentHandler(BaseHTTPRequestHandler):
                   ("GET", r"/api/scenarios", "list_scenarios", False),  # (II)
                   ("GET", r"/api/scenarios/history", "scenario_history", False),  # (II)
                   ("POST", r"/api/scenarios/(?P<name>[^/]+)", "start_scenario", True),  # (II)
-                  ("DELETE", r"/api/scenarios/(?P<name>[^/]+)", "stop_scenario", True))]  # (II)
+                  ("DELETE", r"/api/scenarios/(?P<name>[^/]+)", "stop_scenario", True),  # (II)
+                  ("GET", r"/api/checks", "checks", False),  # (II)
+                  ("GET", r"/api/checks/incidents", "answer_key", False),  # (II)
+                  ("POST", r"/api/checks/alerts", "check_alerts", False),  # (II)
+                  ("POST", r"/api/checks/dashboard", "check_dashboard", False))]  # (II)
     ROUTES_BY_PATH = routes_by_plain_path(ROUTES)
 
     # -- the simple endpoints: one answer each
@@ -1349,7 +1422,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
     def check_admin_token(self):
         token = self.server.app.settings.admin_token
         scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
-        given_token = given.strip().encode() if scheme.lower() == "bearer" else b""
+        given_token = given.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
         if token and not hmac.compare_digest(given_token, token.encode()):
             error = Unauthorized("this change needs 'Authorization: Bearer <ADMIN_TOKEN>'")
             error.headers["WWW-Authenticate"] = "Bearer"
@@ -1373,9 +1446,9 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.trace = trace
         pay = functools.partial(app.processor.pay, request, app.rng, effects, fault, trace,
                                 app.abort_waits.wait)
-        key = self.headers.get("Idempotency-Key")
+        key = self.headers.get("Idempotency-Key") or None  # empty: as if not sent
         if key is not None:  # a retry gets the first answer, not a second payment (Part II)
-            return app.idempotency.answer_once(self, key, document, pay, payment_answer)
+            return app.idempotency.answer_once(self, key, request, pay, payment_answer)
         payment = pay()
         self.trace = payment.trace  # sampled or not, as the tracer decided
         self.send_json(*payment_answer(payment))
@@ -1383,14 +1456,18 @@ class PaymentHandler(BaseHTTPRequestHandler):
     def create_refund(self, payment_id):
         """POST /api/payments/{id}/refunds: all that remains, or `amount` of it."""
         document = self.read_object(required=False)  # no body, or null: refund all that remains
+        unknown = sorted(set(document) - {"amount"})
+        if unknown:  # a misspelt "amount" must not refund everything
+            raise InvalidField(unknown[0][:40], f"unknown field {unknown[0][:40]!r}; a refund "
+                               "takes only 'amount' (leave it out to refund all that remains)")
         amount = document.get("amount")
         if amount is not None:
             amount = validate_amount(amount)
         app = self.server.app
         refund = functools.partial(app.processor.refund, payment_id, amount, "api")
-        key = self.headers.get("Idempotency-Key")
+        key = self.headers.get("Idempotency-Key") or None  # empty: as if not sent
         if key is not None:  # a retry gets the first answer, not a second refund (Part II)
-            return app.idempotency.answer_once(self, key, document, refund, refund_answer)
+            return app.idempotency.answer_once(self, key, amount, refund, refund_answer)
         self.send_json(*refund_answer(refund()))
 
     # -- reading a body
@@ -1556,8 +1633,40 @@ MAX_LAG_SECONDS = 5.0
 TICK_SECONDS = 0.005  # the scheduler sleeps at least this long: high rates come in batches
 
 
-def profile_factor(profile, elapsed, period):
-    """Rate multiplier of a traffic profile at `elapsed` seconds; each averages 1 a cycle."""
+DAY_SECONDS = 86400  # a diurnal profile of this period follows the UTC clock and the week
+NIGHT_FACTOR = 0.2  # the diurnal profile at midnight, every day alike
+WEEKEND_SHARE = 0.65  # a Saturday's or Sunday's daytime traffic against a weekday's
+DAY_VARIATION = 0.1  # each day's daytime traffic, seeded, up to 10 % more or less
+DEFAULT_SHAPE_SEED = 1  # the seed of the days when SIMULATION_SEED is unset (the history's too)
+
+
+@functools.lru_cache(maxsize=64)
+def week_levels(seed, week):
+    """How busy the days of week number `week` (Monday to Sunday, UTC) are by day, drawn from
+    `seed`: weekends lower, each day varied, the seven summing to 7."""
+    rng = random.Random(f"payment-api week {seed} {week}")
+    levels = []
+    for weekday in range(7):  # Monday is 0
+        usual = WEEKEND_SHARE if weekday >= 5 else 1.0
+        levels.append(usual * rng.uniform(1 - DAY_VARIATION, 1 + DAY_VARIATION))
+    return tuple(7 * level / sum(levels) for level in levels)
+
+
+def utc_day_factor(utc, seed):
+    """Rate multiplier at epoch second `utc`: NIGHT_FACTOR at midnight UTC, the daytime above it
+    scaled by the day's level; 1 on average over every UTC week, Monday to Sunday."""
+    day, second = divmod(utc, DAY_SECONDS)
+    week, weekday = divmod(int(day) + 3, 7)  # 1970-01-01, day 0, was a Thursday
+    level = week_levels(DEFAULT_SHAPE_SEED if seed is None else seed, week)[weekday]
+    daytime = 1.0 - math.cos(2 * math.pi * second / DAY_SECONDS)  # 0 at midnight, 2 at noon
+    return NIGHT_FACTOR + (1.0 - NIGHT_FACTOR) * level * daytime
+
+
+def profile_factor(profile, elapsed, period, utc=None, seed=None):
+    """Rate multiplier of a traffic profile at `elapsed` seconds; each averages 1 a cycle. A
+    diurnal 'day' of 24 hours follows the UTC clock at epoch second `utc` instead, by week."""
+    if profile == "diurnal" and period == DAY_SECONDS and utc is not None:
+        return utc_day_factor(utc, seed)
     if profile == "diurnal":  # night at 0.2x, midday at 1.8x
         return 1.0 - 0.8 * math.cos(2 * math.pi * elapsed / period) if period else 1.0
     if profile == "bursty":  # a 4x surge for 6 s every minute, a little below 1x in between
@@ -1632,7 +1741,9 @@ class Simulator:
         if effects is None:
             effects = self.scenarios.effects()
         elapsed = now - self._started_at
-        shape = profile_factor(self.config["profile"], elapsed, self.settings.simulation_period)
+        utc = time.time() + now - self._clock()  # `now` on the wall clock, for a 24-hour day
+        shape = profile_factor(self.config["profile"], elapsed, self.settings.simulation_period,
+                               utc, self.settings.simulation_seed)
         return self.config["rate"] * shape * effects.rate_factor
 
     def tick(self, now):
@@ -1720,6 +1831,7 @@ class PaymentApp:
         # Part II from here: remembered answers, requests counted for a graceful stop
         self.idempotency = IdempotencyKeys(monotonic)
         self.in_progress = RequestsInProgress()
+        self.check_places = threading.BoundedSemaphore(MAX_CHECKS)  # students' checks at once
         self.abort_waits = threading.Event()  # set when a stop runs out of time
         self.openapi = None  # the API description, built once when first asked for
         self.started_at = monotonic()
@@ -1753,7 +1865,7 @@ class PaymentApp:
         self.server.shutdown()
         self._server_thread.join()
         self.server.socket.close()  # new connections are refused; a new process can bind
-        self.server.shutdown_connections(socket.SHUT_RD)
+        self.server.close_idle_connections()  # bodies still arriving are read to the end
         # requests in progress may take all but the last second, which is InfluxDB's
         if not self.in_progress.wait_until_none(max(deadline - time.monotonic() - 1, 0)):
             self.abort_waits.set()  # payments still processing finish now
@@ -1810,28 +1922,6 @@ BODY_SECONDS = 10  # a body gets this long, plus one second for every BODY_BYTES
 BODY_BYTES_PER_SECOND = 16 * 1024
 
 
-class RequestsInProgress:
-    """How many requests are being served (read, and not yet answered): a graceful stop
-    waits until none is left."""
-
-    def __init__(self):
-        self._count = 0
-        self._lock = threading.Lock()  # taken directly: cheaper than through the Condition
-        self._none_left = threading.Condition(self._lock)
-        self.stopping = False
-
-    def change(self, by):
-        with self._lock:
-            self._count += by
-            if self.stopping:
-                self._none_left.notify_all()
-
-    def wait_until_none(self, timeout):
-        """True when none is left within `timeout` seconds."""
-        with self._none_left:
-            return self._none_left.wait_for(lambda: self._count == 0, timeout)
-
-
 class DeadlineReader(socket.SocketIO):
     """A connection's reads with one deadline for a whole request, not a timeout per recv.
 
@@ -1860,6 +1950,116 @@ class DeadlineReader(socket.SocketIO):
 
     def expect_body(self, length):
         self.deadline = time.monotonic() + BODY_SECONDS + length / BODY_BYTES_PER_SECOND
+
+
+class RequestsInProgress:
+    """How many requests are being served (read, and not yet answered): a graceful stop
+    waits until none is left. No client may keep more than its `share` of them at once, so
+    one runaway load test leaves room for the rest of the class."""
+
+    def __init__(self):
+        self._count = 0
+        self._by_client = {}
+        self._lock = threading.Lock()  # taken directly: cheaper than through the Condition
+        self._none_left = threading.Condition(self._lock)
+        self.stopping = False
+        self.share = math.inf  # the server sets it from MAX_CONNECTIONS
+
+    def enter(self, client):
+        """Count a request of `client` (None: one never refused); False when over its share."""
+        with self._lock:
+            busy = self._by_client.get(client, 0)
+            if client is not None and busy >= self.share:
+                return False
+            self._by_client[client] = busy + 1
+            self._count += 1
+            return True
+
+    def leave(self, client):
+        with self._lock:
+            self._count -= 1
+            busy = self._by_client.pop(client) - 1
+            if busy:
+                self._by_client[client] = busy
+            if self.stopping:
+                self._none_left.notify_all()
+
+    def wait_until_none(self, timeout):
+        """True when none is left within `timeout` seconds."""
+        with self._none_left:
+            return self._none_left.wait_for(lambda: self._count == 0, timeout)
+
+
+class TooManyRequests(ClientError):
+    status = 429
+
+    def __init__(self, client, share):
+        super().__init__(f"too many requests in progress from {client} (at most {share} at "
+                         "once); retry in a second")
+        self.headers["Retry-After"] = "1"
+
+
+NEVER_REFUSED = ("/health", "/metrics")  # however busy a client: Prometheus keeps scraping
+
+
+def client_of(peer, headers, trusted_proxies):
+    """Who sent a request: the peer, or behind a trusted proxy the last address that
+    X-Forwarded-For names before the proxies."""
+    if not trusted_proxies or not is_trusted(peer, trusted_proxies):
+        return peer
+    hops = ",".join(headers.get_all("X-Forwarded-For", [])).split(",")
+    for hop in reversed(hops):
+        if hop.strip() and not is_trusted(hop.strip(), trusted_proxies):
+            return hop.strip()[:64]
+    return peer
+
+
+def is_trusted(address, trusted_proxies):
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(parsed in network for network in trusted_proxies)
+
+
+class Forbidden(ClientError):
+    status = 403
+
+
+CHANGES = ("POST", "PUT", "DELETE", "PATCH")
+
+
+# what a change may send, by path: JSON of at most MAX_BODY_BYTES, except a document to check (a
+# dashboard's export is often 50-300 KB), which for a rule file may also be YAML
+MAX_CHECK_BODY_BYTES = 1024 * 1024  # what the compose stack's gateway lets through
+RULE_FILE_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml",
+                   "application/json")
+JSON_BODY = (MAX_BODY_BYTES, ("application/json",))  # (most bytes, Content-Types)
+BODIES = {"/api/checks/alerts": (MAX_CHECK_BODY_BYTES, RULE_FILE_TYPES),
+          "/api/checks/dashboard": (MAX_CHECK_BODY_BYTES, ("application/json",))}
+
+
+def cross_site_error(method, headers, allowed_origins, path=""):
+    """Why a web page on another site may not make this change, or None. A browser names the
+    page's origin on every POST; a form can send only types other than JSON (and YAML), and a
+    script of another site needs a CORS preflight for them, which this service never grants."""
+    if method not in CHANGES:
+        return None
+    origin = headers.get("Origin")
+    host = headers.get("Host", "").lower()
+    own = (f"http://{host}", f"https://{host}", *allowed_origins)
+    if origin is not None and origin.lower().rstrip("/") not in own:
+        return Forbidden(f"a page from {origin[:ECHO_LIMIT]} may not change this service; "
+                         "ALLOWED_ORIGINS lists the sites that may")
+    content_type = headers.get("Content-Type")
+    _, types = BODIES.get(path, JSON_BODY)
+    if content_type is not None and media_type(content_type) not in types:
+        return UnsupportedMediaType("Content-Type must be " + " or ".join(types))
+    return None
+
+
+def media_type(content_type):
+    return content_type.split(";")[0].strip().lower()
 
 
 class AmbiguousFraming(MalformedBody):
@@ -1892,36 +2092,12 @@ class ConnectionGuards:
     def handle_one_request(self):
         self.reader.deadline = None  # the next request is awaited with the idle timeout
         self.in_progress = None
+        self.server.idle_connections[self.connection] = True  # room to make at the cap
         try:
             super().handle_one_request()
         finally:
             if self.in_progress:  # counted from its headers to its answer
-                self.in_progress.change(-1)
-
-    def parse_request(self):
-        """The stdlib's parsing, then framing checked and the body's deadline set."""
-        if not super().parse_request():
-            return False
-        error = framing_error(self.headers)
-        if error is not None:
-            self.refuse(error)
-            return False
-        length = self.headers.get("Content-Length")
-        if length and WHOLE_NUMBER.fullmatch(length) and int(length) <= MAX_BODY_BYTES:
-            self.reader.expect_body(int(length))
-        self.in_progress = self.server.app.in_progress  # a stop waits for it to be answered
-        self.in_progress.change(+1)
-        return True
-
-    def refuse(self, error):
-        """Answer a request whose body cannot be framed, and log it as dispatch() would."""
-        self.status = None
-        self.trace = None
-        lengths = self.headers.get_all("Content-Length", [])
-        self.body_unread = ("Transfer-Encoding" in self.headers
-                            or any(length != "0" for length in lengths))
-        self.send_client_error(error)
-        self.log_access(urlsplit(self.path).path, time.monotonic())
+                self.in_progress.leave(self.client)
 
     def finish(self):
         """Closing with a body unread (a 413, a 400): read it away briefly, so the client sees
@@ -1937,6 +2113,72 @@ class ConnectionGuards:
             except OSError:
                 pass
 
+    def parse_request(self):
+        """The stdlib's parsing, then framing checked and the body's deadline set."""
+        if not super().parse_request():
+            return False
+        self.server.idle_connections.pop(self.connection, None)  # busy now, until answered
+        app = self.server.app
+        path = urlsplit(self.path).path
+        error = (framing_error(self.headers) or cross_site_error(
+            self.command, self.headers, app.settings.allowed_origins, path))
+        self.client = None
+        if path not in NEVER_REFUSED:
+            self.client = client_of(self.client_address[0], self.headers,
+                                    app.settings.trusted_proxies)
+        if error is None and not app.in_progress.enter(self.client):
+            error = TooManyRequests(self.client, app.in_progress.share)
+        if error is not None:
+            self.refuse(error)
+            return False
+        self.in_progress = app.in_progress  # a stop waits for it to be answered
+        length = self.headers.get("Content-Length")
+        most_bytes, _ = BODIES.get(path, JSON_BODY)
+        if length and WHOLE_NUMBER.fullmatch(length) and int(length) <= most_bytes:
+            self.reader.expect_body(int(length))
+        return True
+
+    def handle_expect_100(self):
+        """Expect: 100-continue: the interim answer leaves at once, not with the final one."""
+        self.send_response_only(100)
+        self.end_headers()
+        self.wfile.flush()
+        return True
+
+    def refuse(self, error):
+        """Answer a request whose body cannot be framed, and log it as dispatch() would."""
+        self.status = None
+        self.trace = None
+        lengths = self.headers.get_all("Content-Length", [])
+        self.body_unread = ("Transfer-Encoding" in self.headers
+                            or any(length != "0" for length in lengths))
+        self.send_client_error(error)
+        self.log_access(urlsplit(self.path).path, time.monotonic())
+
+
+SPARE_DESCRIPTORS = 64  # files, InfluxDB and OTLP sockets, the log: besides the connections
+
+
+def fit_to_file_limit(wanted):
+    """(connections, overflow places): MAX_CONNECTIONS and the Overflow's CAPACITY, or fewer
+    when the open-file limit cannot hold them; the soft limit is raised first, up to the hard."""
+    import resource  # POSIX only, like the limit it reads
+    needed = wanted + Overflow.CAPACITY + SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted, Overflow.CAPACITY
+    room = max(2, soft - SPARE_DESCRIPTORS)
+    connections = min(wanted, room // 2)
+    fields = {"MAX_CONNECTIONS": wanted, "open files allowed": soft,
+              "connections served": connections, "connections waiting": room - connections}
+    log.warning("MAX_CONNECTIONS lowered to fit the open-file limit (ulimit -n)",
+                extra={"fields": fields})
+    return connections, room - connections
+
 
 class GuardedServer(PaymentServer):
     """A thread per connection, up to MAX_CONNECTIONS; more wait in the Overflow, threadless.
@@ -1947,16 +2189,19 @@ class GuardedServer(PaymentServer):
     OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
     def __init__(self, address, app):
-        self.max_connections = app.settings.max_connections
+        self.max_connections, overflow_places = fit_to_file_limit(app.settings.max_connections)
         self.connections = set()
+        self.idle_connections = OrderedDict()  # waiting for (the rest of) a request's head
+        app.in_progress.share = max(1, math.ceil(self.max_connections * app.settings.client_share))
         self._limit_reached_said = False
         self._accept_backoff = 0.0
         self._starving = False  # accept() failed for want of descriptors, no success since
         self._starving_said = False  # ... and the log said so (at most once a minute)
         self._starving_said_at = -math.inf
         self._stop_event = threading.Event()
+        self.overflow = None  # until the port is bound
         super().__init__(address, app, GuardedHandler)
-        self.overflow = Overflow(self)
+        self.overflow = Overflow(self, overflow_places)
 
     def get_request(self):
         try:
@@ -1977,10 +2222,12 @@ class GuardedServer(PaymentServer):
 
     def shutdown_request(self, request):
         self.connections.discard(request)
+        self.idle_connections.pop(request, None)
         super().shutdown_request(request)
 
     def process_request(self, request, client_address):
-        if len(self.connections) >= self.max_connections:
+        at_limit = len(self.connections) >= self.max_connections
+        if at_limit and not self.close_oldest_idle():
             if not self._limit_reached_said:
                 self._limit_reached_said = True
                 fields = {"MAX_CONNECTIONS": self.max_connections}
@@ -1990,6 +2237,27 @@ class GuardedServer(PaymentServer):
             return
         self.connections.add(request)
         super().process_request(request, client_address)
+
+    def close_oldest_idle(self):
+        """Make room at the limit: end the connection idle the longest (a keep-alive one
+        waiting for its next request, or one still sending its head). False when none is."""
+        try:
+            connection, _ = self.idle_connections.popitem(last=False)
+        except KeyError:
+            return False
+        try:
+            connection.shutdown(socket.SHUT_RDWR)  # its thread sees the end and leaves
+        except OSError:
+            pass
+        return True
+
+    def close_idle_connections(self):
+        """A stop ends the connections that wait for a request; the others finish theirs."""
+        for connection in list(self.idle_connections):
+            try:
+                connection.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
 
     def _back_off(self, error):
         """Out of file descriptors: wait (up to 1 s, doubling) for connections to close; say
@@ -2016,7 +2284,8 @@ class GuardedServer(PaymentServer):
         super().shutdown()
 
     def server_close(self):
-        self.overflow.stop()
+        if self.overflow is not None:
+            self.overflow.stop()
         super().server_close()
 
     def shutdown_connections(self, how):
@@ -2043,8 +2312,9 @@ class Overflow:
                      (b"HEAD", b"/metrics")}
     BUSY = json.dumps({"error": "too many connections; retry in a second"}).encode()
 
-    def __init__(self, server):
+    def __init__(self, server, capacity):
         self.server = server
+        self.capacity = capacity
         self._selector = selectors.DefaultSelector()
         self._waiting = OrderedDict()  # socket -> [client address, deadline, head so far]
         self._arrived = deque()
@@ -2082,7 +2352,7 @@ class Overflow:
         self._wake_reader.recv(4096)
         while self._arrived:
             connection, client_address = self._arrived.popleft()
-            if len(self._waiting) >= self.CAPACITY:
+            if len(self._waiting) >= self.capacity:
                 self._close(next(iter(self._waiting)))
             connection.setblocking(False)
             deadline = time.monotonic() + self.HEAD_SECONDS
@@ -2146,7 +2416,7 @@ class Overflow:
 # ---------------------------------------------------------------- idempotency keys
 
 
-IDEMPOTENCY_KEY = re.compile(r"[ -~]{1,255}")
+IDEMPOTENCY_KEY = re.compile(r"[!-~]([ -~]{0,253}[!-~])?")  # no space at either end
 
 
 @dataclass
@@ -2173,13 +2443,16 @@ class IdempotencyKeys:
         self._answers = OrderedDict()  # key -> RememberedAnswer, oldest first
         self._lock = threading.Lock()
 
-    def answer_once(self, handler, key, document, act, answer_of):
+    def answer_once(self, handler, key, meaning, act, answer_of):
         """Answer answer_of(act()) with the key remembered: a repeat gets the first answer; the
-        same key and body while the first runs is 409, with another body 422."""
+        same key and request while the first runs is 409, with another request 422. `meaning`
+        is the validated request, so 10.5 and 10.50, or usd and USD, are the same request."""
+        if len(handler.headers.get_all("Idempotency-Key")) > 1:
+            raise InvalidField("Idempotency-Key", "send one Idempotency-Key header, not several")
         if not IDEMPOTENCY_KEY.fullmatch(key):
-            raise InvalidField("Idempotency-Key",
-                               "Idempotency-Key must be 1-255 printable ASCII characters")
-        request = [handler.command, urlsplit(handler.path).path, document]
+            raise InvalidField("Idempotency-Key", "Idempotency-Key must be 1-255 printable "
+                               "ASCII characters, without a space at either end")
+        request = [handler.command, urlsplit(handler.path).path, meaning]
         request_text = json.dumps(request, sort_keys=True, default=str)
         fingerprint = hashlib.sha256(request_text.encode()).hexdigest()
         result, entry = self.begin(key, fingerprint)
@@ -2363,23 +2636,36 @@ class ListingFilter:
     """A query parameter of GET /api/payments: how to read it, what it allows, the value."""
     read: object  # (text, currencies) -> the value, or None when it is not allowed
     allowed: object  # currencies -> what is allowed, for the 400
-    value_of: object  # payment -> its value
+    attribute: str  # the payment's attribute it compares with
 
 
 LISTING_FILTERS = {
     "customerId": ListingFilter(lambda text, _: text if CUSTOMER_ID.fullmatch(text) else None,
                                 lambda _: "1-64 characters of A-Z, a-z, 0-9, _ and -",
-                                lambda payment: payment.request.customer_id),
+                                "request.customer_id"),
     "status": ListingFilter(lambda text, _: text if text in PAYMENT_STATUSES else None,
                             lambda _: "one of " + ", ".join(PAYMENT_STATUSES),
-                            lambda payment: payment.status),
+                            "status"),
     "currency": ListingFilter(known_currency,
                               lambda currencies: "one of " + ", ".join(currencies),
-                              lambda payment: payment.request.currency),
+                              "request.currency"),
     "type": ListingFilter(lambda text, _: known_type(text),
                           lambda _: "one of " + ", ".join(PAYMENT_TYPES),
-                          lambda payment: payment.request.type),
+                          "request.type"),
 }
+
+
+MAX_PAGE = 100  # payments in one answer of GET /api/payments: about 100 KB at most
+
+
+def matching(wanted):
+    """A test of a payment against the filters `wanted` (name -> value), at C speed: a filter
+    that matches nothing scans the whole store, and /health must not wait for it."""
+    if not wanted:
+        return lambda payment: True
+    read = operator.attrgetter(*(LISTING_FILTERS[name].attribute for name in wanted))
+    expected = tuple(wanted.values()) if len(wanted) > 1 else next(iter(wanted.values()))
+    return lambda payment: read(payment) == expected
 
 
 class ListingEndpoints:
@@ -2388,12 +2674,13 @@ class ListingEndpoints:
     def list_payments(self):
         app = self.server.app
         for name in self.query:
-            if name not in ("limit", *LISTING_FILTERS):
-                raise InvalidField(name[:40], "unknown parameter; known: limit, "
+            if name not in ("limit", "cursor", *LISTING_FILTERS):
+                raise InvalidField(name[:40], "unknown parameter; known: limit, cursor, "
                                    + ", ".join(LISTING_FILTERS))
         text = self.query.get("limit", ["50"])[-1]
-        if not WHOLE_NUMBER.fullmatch(text) or int(text) < 1:
-            raise InvalidField("limit", "limit must be a whole number of at least 1")
+        if not WHOLE_NUMBER.fullmatch(text) or not 1 <= int(text) <= MAX_PAGE:
+            raise InvalidField("limit", f"limit must be a whole number from 1 to {MAX_PAGE}; "
+                               "nextCursor leads to the next page")
         wanted = {}
         for name, listing_filter in LISTING_FILTERS.items():
             if name in self.query:
@@ -2401,13 +2688,16 @@ class ListingEndpoints:
                 if wanted[name] is None:
                     allowed = listing_filter.allowed(app.settings.currencies)
                     raise InvalidField(name, f"{name} must be {allowed}")
-
-        def matches(payment):
-            return all(LISTING_FILTERS[name].value_of(payment) == value
-                       for name, value in wanted.items())
-        payments = app.store.recent(min(int(text), app.store.capacity), matches)
+        matches = matching(wanted)
+        cursor = self.query.get("cursor", [None])[-1] or None  # empty: from the newest
+        payments = app.store.recent(int(text), matches, cursor)
+        if payments is None:
+            raise InvalidField("cursor", "this cursor's payment is no longer kept (STORE_SIZE "
+                               "keeps the most recent); list again without a cursor")
         listed = [payment_json(payment) for payment in payments]
-        self.send_json(200, {"count": len(payments), "payments": listed})
+        next_cursor = payments[-1].payment_id if len(payments) == int(text) else None
+        self.send_json(200, {"count": len(payments), "payments": listed,
+                             "nextCursor": next_cursor})
 
     def activity(self):
         """The last minutes second by second, for the console's chart (and anyone's)."""
@@ -2428,7 +2718,9 @@ class ListingEndpoints:
         except FileNotFoundError:
             raise NotFound("the console page (console.html) is not installed beside "
                            "payment_api.py") from None
-        headers = {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"}
+        headers = {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store",
+                   "Content-Security-Policy": console_policy(body),
+                   "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
         self.send_body(200, body, headers)
 
     def openapi_document(self):
@@ -2446,6 +2738,23 @@ class ListingEndpoints:
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def console_policy(page):
+    """The console's Content-Security-Policy: its own inline script and style (by hash) and
+    calls to this service, nothing else; no other site may frame it."""
+    hashes = {}
+    for tag in ("script", "style"):
+        blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag.encode(), tag.encode()), page, re.S)
+        hashes[tag] = " ".join(source_hash(block) for block in blocks)
+    return (f"default-src 'none'; script-src {hashes['script']}; style-src {hashes['style']}; "
+            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+
+
+def source_hash(block):
+    digest = base64.b64encode(hashlib.sha256(block).digest()).decode()
+    return f"'sha256-{digest}'"
 
 
 class ActivityStats(PaymentStats):
@@ -2558,7 +2867,198 @@ class ControlEndpoints:
         self.send_json(200, self.server.app.scenarios.stop(name))
 
 
-class GuardedHandler(ConnectionGuards, ListingEndpoints, ControlEndpoints,
+# Students' work, checked by exercises.py (an extra beside the module) against the Prometheus at
+# PROMETHEUS_URL. A check only reads: exercises.py sends Prometheus queries and nothing else, so a
+# pasted document can change nothing there or here.
+MAX_CHECKS = 2  # checks running at once in the whole service: each keeps Prometheus busy
+CHECK_SECONDS = 30  # a check not done by then is answered 504 (and finishes unanswered)
+MOST_CHECK_SINCE = 7 * 86400  # how far back a check may look (exercises.py's command: 32 days)
+CHECK_SINCE = {"answer_key": "7d", "score_alert_rules": "7d", "check_dashboard": "6h"}
+CHECKS_OFF = ("checks are off: this service does not know where Prometheus is. Start it with "
+              "PROMETHEUS_URL set (http://localhost:9090 on a laptop; the compose stack sets "
+              "it), or check on the command line with exercises.py (docs/exercises.md)")
+
+
+class BadGateway(ClientError):
+    """Prometheus did not answer a check, or failed its query for a reason of its own."""
+    status = 502
+
+
+class ChecksBusy(ClientError):
+    status = 503
+
+    def __init__(self):
+        super().__init__(f"{MAX_CHECKS} checks are running already; retry in a few seconds")
+        self.headers["Retry-After"] = "5"
+
+
+class GatewayTimeout(ClientError):
+    status = 504
+
+    def __init__(self, stopping=False):
+        super().__init__("the service is stopping" if stopping else
+                         f"the check took more than {CHECK_SECONDS} s: look at a shorter window "
+                         "(?since=1d) or check a smaller document")
+
+
+def import_exercises():
+    """exercises.py, an optional extra: it never imports this module."""
+    try:
+        import exercises
+    except ImportError:
+        raise NotFound("the checks (exercises.py) are not installed beside "
+                       "payment_api.py") from None
+    return exercises
+
+
+def yaml_readable():
+    """Whether PyYAML, which exercises.py reads YAML rule files with, is installed."""
+    try:
+        import yaml  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Check:
+    """One check on a thread of its own, holding one of the app's places until it ends: a
+    request that stops waiting leaves it to finish, still counted, so checks nobody waits for
+    cannot pile up on Prometheus."""
+
+    def __init__(self, places, function, arguments):
+        self.places = places
+        self.function = function
+        self.arguments = arguments
+        self.done = threading.Event()
+        self.report = None
+        self.error = None
+
+    def start(self):
+        threading.Thread(target=self._run, name="check", daemon=True).start()
+        return self
+
+    def _run(self):
+        try:
+            self.report = self.function(*self.arguments)
+        except Exception as error:  # answered (or raised) by the request that waits for it
+            self.error = error
+        finally:
+            self.places.release()
+            self.done.set()
+
+    def wait(self, seconds, abort):
+        """True when the check ended within `seconds`; False at once when `abort` is set."""
+        deadline = time.monotonic() + seconds
+        while not self.done.wait(max(min(0.25, deadline - time.monotonic()), 0)):
+            if abort.is_set() or time.monotonic() >= deadline:
+                return False
+        return True
+
+    def answer(self, exercises):
+        """The report, or the error to answer instead: 422 for a document Prometheus or Grafana
+        would refuse, 415 for YAML without PyYAML, 502 when Prometheus failed."""
+        error = self.error
+        if isinstance(error, exercises.DocumentError):
+            raise Unprocessable(str(error))
+        if isinstance(error, exercises.MissingDependency):
+            raise UnsupportedMediaType(f"{error}: send the rule file as JSON, or install "
+                                       "requirements-exercises.txt where the service runs")
+        if isinstance(error, exercises.PrometheusError):
+            raise BadGateway(str(error))
+        if error is not None:
+            raise error
+        return self.report
+
+
+class CheckEndpoints:
+    """A handler mixin: students' alert rules and dashboards checked against the incidents that
+    really happened (docs/exercises.md), what `exercises.py ... --json` prints."""
+
+    def checks(self):
+        """GET /api/checks: whether checks are on, and what they take; the console reads it."""
+        url = self.server.app.settings.prometheus_url
+        exercises = import_exercises()
+        self.send_json(200, {
+            "enabled": bool(url), "prometheus": url or None,
+            "message": f"checks ask the Prometheus at {url}" if url else CHECKS_OFF,
+            "yamlRuleFiles": yaml_readable(), "maxBodyBytes": MAX_CHECK_BODY_BYTES,
+            "mostSinceSeconds": MOST_CHECK_SINCE, "asks": exercises.ASKS})
+
+    def answer_key(self):
+        self.send_json(200, self.run_check("answer_key"))
+
+    def check_alerts(self):
+        self.send_json(200, self.run_check("score_alert_rules", RULE_FILE_TYPES))
+
+    def check_dashboard(self):
+        self.send_json(200, self.run_check("check_dashboard", ("application/json",)))
+
+    def run_check(self, function, document_types=None):
+        """The report of exercises.`function` over the window the query asks for, with the body
+        as the document when `document_types` are given."""
+        app = self.server.app
+        if not app.settings.prometheus_url:
+            raise Conflict(CHECKS_OFF)
+        exercises = import_exercises()
+        since, end = self.check_window(exercises, CHECK_SINCE[function])
+        arguments = [app.settings.prometheus_url, since, end]
+        if document_types:
+            arguments.insert(1, self.read_document(document_types))
+        places = app.check_places
+        if not places.acquire(blocking=False):
+            raise ChecksBusy()
+        check = Check(places, getattr(exercises, function), arguments).start()
+        if not check.wait(CHECK_SECONDS, app.abort_waits):
+            raise GatewayTimeout(stopping=app.abort_waits.is_set())
+        return check.answer(exercises)
+
+    def check_window(self, exercises, default_since):
+        """(seconds to look back, the window's end or None for now) from ?since= and ?end=."""
+        for name in self.query:
+            if name not in ("since", "end"):
+                raise InvalidField(name[:40], "unknown parameter; known: since, end")
+        try:
+            since = exercises.parse_duration(self.query.get("since", [default_since])[-1])
+        except ValueError:
+            since = 0
+        if not 0 < since <= MOST_CHECK_SINCE:
+            raise InvalidField("since", "since must be a Prometheus duration (30m, 6h, 2d), "
+                               f"more than 0 and at most {MOST_CHECK_SINCE // 86400}d")
+        text = self.query.get("end", [""])[-1]
+        if not text:
+            return since, None
+        try:
+            end = exercises.parse_time(text)
+        except ValueError:
+            end = math.nan
+        if not 0 <= end < 1e11:  # NaN and infinity too
+            raise InvalidField("end", "end must be an ISO-8601 UTC time such as "
+                               "2026-11-20T00:00:00Z")
+        return since, end
+
+    def read_document(self, types):
+        """The body as text: at most MAX_CHECK_BODY_BYTES of one of `types`; 400, 408, 411, 413
+        or 415 as read_json answers them."""
+        length = self.headers.get("Content-Length")
+        if length is None or "Transfer-Encoding" in self.headers:
+            raise LengthRequired("a Content-Length header is required")
+        if not WHOLE_NUMBER.fullmatch(length):
+            raise MalformedBody("Content-Length must be a whole number")
+        if int(length) > MAX_CHECK_BODY_BYTES:
+            raise PayloadTooLarge(f"body is larger than {MAX_CHECK_BODY_BYTES} bytes")
+        if media_type(self.headers.get("Content-Type", "")) not in types:
+            raise UnsupportedMediaType("Content-Type must be " + " or ".join(types))
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:  # the body's deadline (ConnectionGuards) passed
+            raise RequestTimeout("the body did not arrive in time") from None
+        if len(body) < int(length):
+            raise MalformedBody("the connection closed before the whole body arrived")
+        self.body_unread = False
+        return body.decode("utf-8", errors="replace")  # as exercises.py reads a file
+
+
+class GuardedHandler(ConnectionGuards, ListingEndpoints, ControlEndpoints, CheckEndpoints,
                      PaymentHandler):
     """The handler the service runs: Part I's PaymentHandler with the guards and endpoints of
     Part II attached."""
@@ -2577,6 +3077,7 @@ class OverflowHandler(GuardedHandler):
     def handle(self):
         self.close_connection = True
         self.handle_one_request()
+        self.server.idle_connections.pop(self.connection, None)  # never one of the served
 
 # ---------------------------------------------------------------- scenarios: control and schedule
 
@@ -2668,9 +3169,10 @@ def read_settings(settings_class, argv, environ):
         try:
             values[spec.name] = spec.metadata["parse"](text)
         except ValueError as error:
+            shown = name if spec.metadata["secret"] else f"{name}={text!r}"
             if not spec.metadata["lenient"]:
-                raise SettingsError(f"{name}={text!r}: {error}") from None
-            warnings.append(f"{name}={text!r}: {error}; using the default {spec.default}")
+                raise SettingsError(f"{shown}: {error}") from None
+            warnings.append(f"{shown}: {error}; using the default {spec.default}")
     otel_environment = {name: value for name, value in environ.items()
                         if name.startswith("OTEL_")}
     return settings_class(**values, otel_environment=otel_environment, warnings=tuple(warnings))

@@ -3,13 +3,17 @@
 Debian's `chromium`, driven by Playwright for Python (no browser download: it launches /usr/bin/chromium).
 Without chromium or Playwright these tests skip; under CI=true they fail instead.
 """
+import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
 import payment_api
 from conftest import eventually, http, require_binary
+
+HERE = Path(__file__).resolve().parent
 
 VIEWPORT = {"width": 1280, "height": 720}  # a classroom projector
 TOKEN_KEY = "payment-api admin token"  # the page's sessionStorage key
@@ -234,6 +238,11 @@ def test_the_admin_token_is_asked_once_kept_in_the_tab_and_never_shown(asked_for
     assert "class-secret" not in page.locator("body").inner_text()
 
 
+TOO_WIDE = """() => [...document.querySelectorAll("body *")]
+    .filter((node) => node.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5)
+    .map((node) => node.tagName + (node.id ? "#" + node.id : ""))"""
+
+
 def test_the_console_fits_a_1280x720_projector_without_horizontal_overflow(make_app, open_console, tmp_path, capsys):
     app = make_app(**LIVE)
     page = open_console(app)
@@ -244,9 +253,7 @@ def test_the_console_fits_a_1280x720_projector_without_horizontal_overflow(make_
     expect(page.locator("#payment-result pre.answer")).to_contain_text("expired_card")
     expect(page.locator("#payment-rows tr")).to_have_count(8)
 
-    too_wide = page.evaluate("""() => [...document.querySelectorAll("body *")]
-        .filter((node) => node.getBoundingClientRect().right > document.documentElement.clientWidth + 0.5)
-        .map((node) => node.tagName + (node.id ? "#" + node.id : ""))""")
+    too_wide = page.evaluate(TOO_WIDE)
     assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"] and not too_wide, too_wide
     folder = os.environ.get("CI_ARTIFACTS_DIR") or str(tmp_path)
     os.makedirs(folder, exist_ok=True)
@@ -254,3 +261,71 @@ def test_the_console_fits_a_1280x720_projector_without_horizontal_overflow(make_
     page.screenshot(path=screenshot, full_page=True)
     with capsys.disabled():
         print(f"\nconsole screenshot (1280 wide, whole page): {screenshot}")
+
+
+# ---------------------------------------------------------------- check my work
+
+
+@pytest.fixture(scope="module")
+def recent_history(tmp_path_factory):
+    """A real Prometheus holding a day of history that ends now: what a student's work is checked against."""
+    from test_history import PastPrometheus, backfill, create_blocks
+    folder = tmp_path_factory.mktemp("console-history")
+    prometheus = PastPrometheus(folder, folder / "blocks")
+    try:
+        backfill("--days", "1", "--seed", "7", "--openmetrics", str(folder / "day.om"), env={"SIMULATION_RATE": "5"})
+        create_blocks(folder / "day.om", folder / "blocks")
+        prometheus.start()
+        yield prometheus
+    finally:
+        prometheus.stop()
+
+
+def test_without_prometheus_url_check_my_work_says_how_to_turn_it_on(make_app, open_console):
+    app = make_app()
+    page = open_console(app)
+
+    expect(page.locator("#checks-state")).to_contain_text(
+        "Checks are off: this service does not know where Prometheus is. Start it with PROMETHEUS_URL set")
+    expect(page.get_by_role("button", name="Check alert rules")).to_be_disabled()
+    expect(page.get_by_role("button", name="Check dashboard")).to_be_disabled()
+
+
+def test_a_student_pastes_a_rule_group_and_a_dashboard_and_reads_the_report(make_app, open_console, recent_history):
+    app = make_app(prometheus_url=recent_history.url)
+    page = open_console(app)
+    expect(page.locator("#checks-state")).to_contain_text(f"Checks ask the Prometheus at {recent_history.url}.")
+    pasted = page.get_by_label("Paste an alert rule file")
+    report = page.locator("#checks-result")
+
+    pasted.fill((HERE / "prometheus" / "alerts.yml").read_text())
+    page.get_by_role("button", name="Check alert rules").click()
+
+    expect(report.locator("li")).to_have_count(10)  # one for each alerting rule of the shipped file
+    expect(report.locator("p").first).to_have_text(
+        re.compile(r"^10 alerting rules scored against [1-9]\d* incidents? from \d{4}-\d\d-\d\d \d\d:\d\d:\d\d to "))
+    latency = report.locator("li", has_text="HighPaymentLatencyP95")
+    expect(latency).to_contain_text("HighPaymentLatencyP95 (group payment-api, every 1 m, for 5 m)")
+    expect(latency.locator("p").first).to_have_text(
+        re.compile(r"^(caught \d+ of \d+ latency_degradation incidents?, .+ after (it|they) began|"
+                   r"no latency_degradation incident in this window to catch); no false alarm$"))
+    expect(report.locator("pre.curl")).to_have_text(
+        f'curl -X POST {app.url}/api/checks/alerts -H "Content-Type: application/yaml" --data-binary @rules.yml')
+
+    board = json.loads((HERE / "grafana" / "dashboards" / "payment-api.json").read_text())
+    misspelled = json.dumps(board).replace("sum(rate(payment_requests_total{currency",
+                                           "sum(rate(payment_request_total{currency", 1)
+    pasted.fill(misspelled)
+    page.get_by_role("button", name="Check dashboard").click()
+
+    expect(report.locator("h3")).to_have_text(["Panels that fail or show nothing", "The course's asks"])
+    expect(report.locator("li").first).to_contain_text(
+        "returns nothing for any value of its variables: no metric payment_request_total in Prometheus "
+        "(did you mean payment_requests_total?)")
+    asks = report.locator("li", has_text="met: ")
+    expect(asks).to_have_count(9)
+    expect(asks.first).to_have_text("✓ met: a $currency variable")
+    expect(report.locator("pre.curl")).to_have_text(
+        f'curl -X POST {app.url}/api/checks/dashboard -H "Content-Type: application/json" '
+        '--data-binary @dashboard.json')
+    assert not page.evaluate(TOO_WIDE), "the report fits the projector"

@@ -405,3 +405,31 @@ def test_compose_gateway_listens_where_it_is_published_and_forwards_to_the_servi
     assert "container_name" not in services[host]
     health = services["gateway"]["healthcheck"]["test"]
     assert health[-1] == f"http://127.0.0.1{'' if listen == '80' else ':' + listen}/health"
+
+
+def test_behind_the_gateway_each_student_gets_a_share_not_the_gateway(make_app, tmp_path):
+    """The compose stack trusts its gateway: a runaway student through it is held to a share while
+    another student, through the same gateway, still pays."""
+    app = make_app(max_connections=8, trusted_proxies=payment_api.parse_networks("127.0.0.1"))
+    server = start_nginx(tmp_path, lambda port: derived_config(port, [app.server.server_address[1]]))
+    body = json.dumps(PAYMENT).encode()
+    slow = {"Content-Type": "application/json", "X-Simulate-Latency": "3"}
+
+    def from_runaway_student():
+        source = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20, source_address=("127.0.0.2", 0))
+        source.request("POST", "/api/payments", body=body, headers=slow)
+        return source.getresponse().status
+
+    statuses = []
+    runaway = [threading.Thread(target=lambda: statuses.append(from_runaway_student())) for _ in range(3)]
+    try:
+        for thread in runaway:
+            thread.start()
+        eventually(lambda: 429 in statuses, message="the third slow payment over the share refused")
+        other = request(server.url + "/api/payments", "POST", body, {"Content-Type": "application/json"})
+        for thread in runaway:
+            thread.join()
+    finally:
+        server.stop()
+    assert sorted(statuses) == [200, 200, 429]  # a share of 8 is 2: the third waits for nobody
+    assert other[0] == 200

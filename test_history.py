@@ -5,12 +5,14 @@ into blocks and to victoria-metrics through influxdb-client; a Prometheus starte
 queries. The end is a fixed past time, so every run checks the same history.
 """
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +28,8 @@ import yaml
 
 import history
 import payment_api
-from conftest import (Prometheus, RecordingInfluxDB, ServerProcess, VictoriaMetrics, eventually, free_port,
-                      require_binary)
+from conftest import (QUIET, FakeClock, Prometheus, RecordingInfluxDB, ServerProcess, VictoriaMetrics, eventually,
+                      free_port, http, require_binary)
 from test_stack import (ALERTS, ENV_EXAMPLE, SEED_QUERIES, compose, dashboard, environment, grafana_value,
                         interpolate, interpolations, panel_queries, rules_of, shipped_alert,
                         variable_label_query, variables)
@@ -202,7 +204,9 @@ def test_counters_only_rise_over_the_whole_day(day):
         drops = day.prometheus.at(f"sum(resets({name}[1d]))", END_SECONDS)
         assert float(drops[0]["value"][1]) == 0, name
     samples = day.prometheus.at("count_over_time(up[1d])", END_SECONDS)
-    assert float(samples[0]["value"][1]) == 86400 / history.DEFAULT_STEP + 1  # every minute, ends included
+    # every minute, every 15 s in the last hour (as the live service is scraped), ends included
+    expected = (86400 - history.SEAM_SECONDS) / history.DEFAULT_STEP + history.SEAM_SECONDS / history.SEAM_STEP + 1
+    assert float(samples[0]["value"][1]) == expected
 
 
 def past_instants(day):
@@ -659,7 +663,7 @@ def peak_rss_kb(*args):
 
 
 def test_memory_stays_flat_whatever_the_number_of_days(tmp_path):
-    common = ("--rate", "0.2", "--jobs", "1", "--openmetrics", str(tmp_path / "flat.om"))
+    common = ("--rate", "0.2", "--jobs", "1", "--openmetrics", str(tmp_path / "flat.om"), "--force")
     short, long = peak_rss_kb("--days", "0.5", *common), peak_rss_kb("--days", "8", *common)
     assert long < short + 10_000, (short, long)
 
@@ -694,42 +698,304 @@ def test_a_bad_option_stops_with_one_line_naming_it_and_exit_2(args, env, option
     assert list(tmp_path.iterdir()) == []
 
 
+def history_py(*args, cwd, **kwargs):
+    """`python history.py ARGS`, the real command, run in `cwd`; the finished process."""
+    return subprocess.run([sys.executable, str(HERE / "history.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, **kwargs)
+
+
+def assert_one_line(result, code, *words):
+    """The command stopped with `code` and said why in one line on stderr naming `words`, without a traceback."""
+    assert result.returncode == code, result.stdout + result.stderr
+    assert result.stderr.startswith(f"{history.PROG}: ") and result.stderr.count("\n") == 1, result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
+
+
+UNUSABLE_INPUTS = [
+    (["--end", "1970-01-01T00:00:00Z", "--days", "0.01"], ["--end", "1970-01-01T00:00:00Z"]),
+    (["--end", "1970-01-01T00:05:00Z", "--days", "0.01"], ["--days", "before 1970-01-01T00:00:00Z"]),
+    (["--end", "0001-01-01"], ["--end", "not after 1970"]),
+    (["--end", "0001-01-01T00:00:00+01:00"], ["--end", "not after 1970"]),
+    (["--days", "1e-9"], ["--days", "shorter than one sample step (60 s"]),
+    (["--days", "0.0006"], ["--days", "(52 s) is shorter than one sample step"]),
+    (["--days", "0.01", "--step", "150", "--end", "1970-01-01T00:02:00Z"], ["--days"]),
+    (["--days", "0.001", "--step", "150"], ["--days", "(86 s) is shorter than one sample step (150 s"]),
+    (["--openmetrics", "/proc/history.om"], ["--openmetrics", "/proc"]),
+    (["--openmetrics", "/proc/self/history.om"], ["--openmetrics", "/proc/self"]),
+    (["--openmetrics", "/sys/history.om"], ["--openmetrics", "/sys"]),
+    (["--openmetrics", "/sys/kernel/history.om"], ["--openmetrics", "/sys/kernel"]),
+    (["--openmetrics", "/dev/full", "--force"], ["--openmetrics", "/dev/full", "not a regular file"]),
+    (["--openmetrics", "/dev/null"], ["--openmetrics", "/dev/null", "not a regular file"]),
+    (["--openmetrics", "."], ["--openmetrics", "is a folder"]),
+]
+
+
+@pytest.mark.parametrize("args, words", UNUSABLE_INPUTS, ids=[" ".join(args) for args, _ in UNUSABLE_INPUTS])
+def test_an_input_the_backfill_cannot_use_stops_it_with_one_line_exit_2_and_no_file(args, words, tmp_path):
+    if "--openmetrics" not in args:
+        args = [*args, "--openmetrics", "history.om"]
+    result = history_py(*args, cwd=tmp_path)
+    assert_one_line(result, 2, *words)
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+    assert Path("/dev/full").is_char_device() and Path("/dev/null").is_char_device()
+
+
+def test_an_existing_file_is_replaced_only_with_force(tmp_path):
+    target = tmp_path / "history.om"
+    target.write_text("a history someone still needs\n")
+    target.chmod(0o444)
+    common = ("--days", "0.01", "--end", END, "--openmetrics", "history.om")
+    refused = history_py(*common, cwd=tmp_path)
+    assert_one_line(refused, 2, "--openmetrics: history.om exists; add --force to replace it")
+    assert refused.stdout == "" and target.read_text() == "a history someone still needs\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["history.om"]
+    replaced = history_py(*common, "--force", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert target.read_text().endswith("\n# EOF\n") and [path.name for path in tmp_path.iterdir()] == ["history.om"]
+
+
+def on_a_small_filesystem(folder, options, *args):
+    """`python history.py ARGS --openmetrics FOLDER/history.om` with a real tmpfs mounted on FOLDER with `options`
+    (size=4m, ...), in a user and mount namespace of its own, so nothing is mounted outside the command. (the
+    finished process, what FOLDER held when it ended)."""
+    unshare = shutil.which("unshare") or pytest.skip("needs unshare (util-linux) for a small filesystem")
+    folder.mkdir()
+    script = ('mount -t tmpfs -o "$1" history-test "$2" || exit 99; folder=$2; shift 2; "$@"; status=$?; '
+              'echo; echo "left:$(ls -A "$folder" | tr "\n" " ")"; exit $status')
+    result = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", options,
+                             str(folder), sys.executable, str(HERE / "history.py"), *args, "--openmetrics",
+                             str(folder / "history.om")], capture_output=True, text=True, timeout=120)
+    if result.returncode == 99 or result.stderr.startswith("unshare:"):
+        pytest.skip(f"no tmpfs in a user namespace here: {result.stderr.strip()}")
+    left = result.stdout.rsplit("left:", 1)[1].split()
+    return result, left
+
+
+@pytest.mark.parametrize("options", ["size=1m,nr_inodes=1", "size=4m", "size=32m"],
+                         ids=["no file can be created", "full while the families are written",
+                              "full while they are joined"])
+def test_a_full_disk_stops_the_backfill_with_one_line_exit_1_and_leaves_no_file(tmp_path, options):
+    """0.2 days make a file of about 22 MB, written as parts (one a family) and then joined: twice that at the end
+    (the kernel's copy_file_range fails, then the copy through Python)."""
+    result, left = on_a_small_filesystem(tmp_path / "small", options, "--days", "0.2", "--end", END)
+    assert_one_line(result, 1, "--openmetrics: cannot write", "history.om: the disk is full")
+    assert left == [] and "wrote " not in result.stdout
+
+
 def test_influxdb_without_the_client_package_stops_with_exit_2(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "influxdb_client", None)  # import fails as if it were not installed
     assert history.main(["--influxdb"]) == 2
     assert "--influxdb: the influxdb-client package is not installed" in capsys.readouterr().err
 
+# ---------------------------------------------------------------- a month: the livelier week, the alerts
+
+
+MONTH_END = "2026-11-16T00:00:00Z"  # a Monday: the month holds four whole weeks, Monday to Sunday
+MONTH_END_SECONDS = int(datetime(2026, 11, 16, tzinfo=timezone.utc).timestamp())
+
+
+@pytest.fixture(scope="module")
+def month(tmp_path_factory):
+    """31 days of history at the default rate, as compose writes them at most -> promtool -> Prometheus. About
+    13 million payments: about 55 s for the file (2.1 GB, deleted once it is blocks), 25 s and 2.2 GB of memory
+    for promtool."""
+    folder = tmp_path_factory.mktemp("month")
+    prometheus = PastPrometheus(folder, folder / "blocks")
+    try:
+        result = backfill("--days", str(history.MAX_DAYS), "--end", MONTH_END, "--seed", str(SEED),
+                          "--openmetrics", str(folder / "month.om"), env={"SIMULATION_RATE": "5"}, timeout=600)
+        create_blocks(folder / "month.om", folder / "blocks")
+        (folder / "month.om").unlink()
+        prometheus.start()
+        yield History(result.stdout, prometheus, None)
+    finally:
+        prometheus.stop()
+
+
+def rule_duration(text):
+    """Seconds of a rule's `for:` (5m, 1h30m, ...)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    return sum(int(number) * units[unit] for number, unit in re.findall(r"(\d+)([smhd])", text or "0s"))
+
+
+def firing_spans(prometheus, rule, start, end, step=60):
+    """[(first, last)] moments the alert `rule` would be firing over [start, end], evaluated every `step` (the
+    history's samples change once a minute): true at every evaluation for at least its `for:`."""
+    true_at = set()
+    for first in range(start, end + 1, 10_000 * step):  # Prometheus answers at most 11,000 points a query
+        url = prometheus.url + "/api/v1/query_range?" + urllib.parse.urlencode({
+            "query": rule["expr"], "start": first, "end": min(first + 9_999 * step, end), "step": step})
+        with urllib.request.urlopen(url, timeout=120) as response:
+            for series in json.load(response)["data"]["result"]:
+                true_at.update(int(float(moment)) for moment, _ in series["values"])
+    spans, run, hold = [], [], rule_duration(rule.get("for"))
+    for moment in [*sorted(true_at), math.inf]:
+        if run and moment - run[-1] != step:
+            if run[-1] - run[0] >= hold:
+                spans.append((run[0] + hold, run[-1]))
+            run = []
+        run.append(moment)
+    return spans
+
+
+def test_over_31_days_the_shipped_alerts_fire_for_every_past_incident_and_never_outside_them(month):
+    """Outside an incident, or the 30 minutes after it that the SLO's slow-burn window still sees, no shipped alert
+    holds for its `for:` over the whole month: not at night, not on a quiet Sunday. Each incident fires its alert."""
+    start, end = MONTH_END_SECONDS - history.MAX_DAYS * 86400, MONTH_END_SECONDS
+    assert len(month.incidents) > 80
+    fired = {}
+    for rule in rules_of(ALERTS):
+        for first, last in firing_spans(month.prometheus, rule, start + 300, end):
+            during = [(begins, ends, scenario) for begins, ends, scenario in month.incidents
+                      if begins <= first and last <= ends + 1800]
+            assert during, (rule["alert"], history.iso(first), history.iso(last))
+            fired.setdefault(during[0], set()).add(rule["alert"])
+    for incident in month.incidents:
+        assert ALERT_OF_INCIDENT[incident[2]] in fired.get(incident, ()), (history.iso(incident[0]), incident[2])
+
+
+def test_over_31_days_weekends_are_quieter_than_every_weekday_no_two_days_alike_and_a_week_averages_the_rate(month):
+    """The payments of each UTC day, counted by Prometheus (the counters at midnight), are the shape's: the seeded
+    day levels of payment_api.week_levels, weekends lower; `offset 1w` shows another week, not the same one."""
+    midnights = range(MONTH_END_SECONDS - history.MAX_DAYS * 86400, MONTH_END_SECONDS + 1, 86400)
+    totals = [float(month.prometheus.at("sum(payment_requests_total)", midnight)[0]["value"][1])
+              for midnight in midnights]
+    assert totals[0] == 0  # the first sample, at the start
+    days = dict(zip(midnights[1:], (later - earlier for earlier, later in zip(totals, totals[1:]))))
+    for day, count in days.items():  # the payments of the day that ends at `day`
+        assert count == pytest.approx(5 * 86400 * sum(diurnal(second) for second in range(day - 86400, day, 60))
+                                      / 1440, rel=0.01), history.iso(day)
+    for monday in range(MONTH_END_SECONDS - 28 * 86400, MONTH_END_SECONDS, 7 * 86400):
+        week = [days[monday + number * 86400] for number in range(1, 8)]
+        assert max(week[5:]) < 0.9 * min(week[:5]), week
+        assert len({round(count, -3) for count in week}) >= 5, week  # thousands apart
+        assert sum(week) / (7 * 86400) == pytest.approx(5, rel=0.01), week
+        if monday - 6 * 86400 in days:  # a whole week before it
+            last_week = [days[monday - 7 * 86400 + number * 86400] for number in range(1, 8)]
+            assert sum(abs(this - last) / last for this, last in zip(week, last_week)) / 7 > 0.03, (week, last_week)
+
 # ---------------------------------------------------------------- the seam with the live service
 
 
-def test_rate_and_increase_across_the_seam_with_the_live_service_have_no_spike(make_app, tmp_path):
-    rate = 40
-    app_started = time.time()
-    app = make_app(simulation_enabled=True, simulation_rate=rate, failure_rate=0.03, simulation_profile="steady")
-    target = app.url.removeprefix("http://")
-    result = backfill("--days", "0.02", "--live-url", app.url, "--rate", str(rate), "--profile", "steady",
+def diurnal(moment, seed=SEED):
+    """The shape the history and the live service share: payment_api's diurnal factor on the UTC clock."""
+    return payment_api.profile_factor("diurnal", 0, 86400, moment, seed)
+
+
+def mean_rate(rate, first, last, seed=SEED):
+    """The average payments/s the shape gives over [first, last), second by second as the history draws them."""
+    return rate * sum(diurnal(second, seed) for second in range(first, last)) / (last - first)
+
+
+@pytest.mark.parametrize("seed", [None, SEED], ids=["SIMULATION_SEED unset", "SIMULATION_SEED set"])
+def test_the_live_simulator_runs_at_the_historys_rate_at_every_moment_of_three_weeks(seed):
+    """As compose runs it (diurnal, SIMULATION_PERIOD=86400), the live simulator's rate is the history's at the same
+    moment of the UTC clock, weekends and seeded days included; unseeded, both use the history's default seed."""
+    settings = dataclasses.replace(payment_api.Settings(), **{
+        **QUIET, "simulation_enabled": True, "simulation_rate": 5.0, "simulation_profile": "diurnal",
+        "simulation_period": 86400.0, "simulation_seed": seed})
+    monotonic = FakeClock()
+    simulator = payment_api.PaymentApp(settings, monotonic=monotonic).simulator  # built, not started
+    options = history.make_parser(settings).parse_args(["--openmetrics", "unused.om"])
+    plan = history.make_plan(options, settings, END_SECONDS)
+    assert plan.seed == (SEED if seed else history.DEFAULT_SEED) and plan.profile == "diurnal"
+    monday = END_SECONDS - 4 * 86400 - 6 * 3600  # 2026-11-16T00:00:00Z
+    moments = [*range(monday - 7 * 86400, monday + 14 * 86400, 997), monday, monday + 5 * 86400 + 43200]
+    for moment in moments:
+        now = monotonic() + moment - time.time()  # the monotonic clock's reading at that moment
+        live = simulator.current_rate(now)
+        assert live == pytest.approx(plan.rate_at(moment, history.NO_EFFECTS), rel=1e-6), history.iso(moment)
+
+
+def test_the_diurnal_week_has_quieter_weekends_seeded_days_a_quiet_midnight_and_the_configured_mean():
+    monday = 1794787200  # 2026-11-16T00:00:00Z
+    weeks = {}
+    for seed in (history.DEFAULT_SEED, SEED):
+        for first in range(monday - 3 * 7 * 86400, monday + 7 * 86400, 7 * 86400):
+            days = [sum(diurnal(day + second, seed) for second in range(0, 86400, 60)) / 1440
+                    for day in range(first, first + 7 * 86400, 86400)]
+            weekdays, weekend = days[:5], days[5:]
+            assert max(weekend) < 0.9 * min(weekdays), days
+            assert max(weekdays) - min(weekdays) > 0.03 and len(set(days)) == 7, days  # no two days alike
+            assert sum(days) / 7 == pytest.approx(1.0, abs=1e-9)  # SIMULATION_RATE is the mean of every week
+            weeks[seed, first] = days
+        for midnight in range(monday - 21 * 86400, monday + 7 * 86400, 86400):  # one line from day to day
+            assert diurnal(midnight, seed) == payment_api.NIGHT_FACTOR
+            assert abs(diurnal(midnight - 60, seed) - diurnal(midnight + 60, seed)) < 1e-4
+    assert len({tuple(days) for days in weeks.values()}) == len(weeks)  # each week and each seed its own
+
+
+def test_the_days_are_drawn_alike_in_every_process():
+    """The days' levels come from a string seed, which Python hashes alike whatever PYTHONHASHSEED is."""
+    code = "import payment_api; print([payment_api.week_levels(seed, 2967) for seed in (1, 7)])"
+    printed = {subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True).stdout
+               for hash_seed in ("0", "1", "4242")}
+    assert printed == {f"{[payment_api.week_levels(seed, 2967) for seed in (1, 7)]}\n"}
+
+
+def query_at(prometheus, promql, moment):
+    url = prometheus.url + "/api/v1/query?" + urllib.parse.urlencode({"query": promql, "time": moment})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)["data"]["result"]
+
+
+def test_the_live_service_continues_the_historys_line_at_the_seam(make_app, tmp_path):
+    """The live service as compose runs it (diurnal, a 24-hour period) after the history, scraped every 15 s as the
+    shipped configs scrape it: one series and one reset; every `sum(rate(payment_requests_total[5m]))` over the
+    history's last hour and across the seam within Poisson noise (5 standard deviations) of the shape they share; the
+    live payments since the start as many as the shape makes; payment_simulation_rate one line.
+
+    At 60/s a minute of live data says something; the rates are equal at every moment anyway (the test above).
+    Windows that end after the history but before the first live scrape are left out: no sample exists there yet,
+    and Prometheus extrapolates the history's last ones less the longer that lasts (in compose, the time the
+    backfill and promtool take before Prometheus starts)."""
+    rate = 60
+    app = make_app(simulation_enabled=True, simulation_rate=rate, failure_rate=0.03, simulation_profile="diurnal",
+                   simulation_period=86400.0, simulation_seed=SEED)
+    result = backfill("--days", "0.05", "--live-url", app.url, "--rate", str(rate), "--seed", str(SEED),
                       "--no-incidents", "--job", "payment-api", "--labels", "",
                       "--openmetrics", str(tmp_path / "seam.om"))
     seam = history.parse_end(re.search(r" to (\S+):", result.stdout)[1])
-    assert abs(seam - app_started) <= 1  # the history ends where the live service began
+    live_started = time.time() - http("GET", app.url + "/health")[2]["uptimeSeconds"]
+    assert seam <= live_started < seam + 1  # the history ends where the live service began
     create_blocks(tmp_path / "seam.om", tmp_path / "prom-data")
-    prometheus = Prometheus(tmp_path, target).start()  # on the backfilled data folder, scraping the live app
+    prometheus = Prometheus(tmp_path, app.url.removeprefix("http://"))  # on the history's blocks, scraping the app
+    config = json.loads((tmp_path / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = yaml.safe_load(
+        (HERE / "prometheus" / "prometheus.local.yml").read_text())["global"]["scrape_interval"]
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))
+    prometheus.start()
     try:
-        history_samples = int(0.02 * 86400) // history.DEFAULT_STEP + 1
-        eventually(lambda: prometheus.query(f"count_over_time(up[1h]) > {history_samples + 20}"), timeout=60,
-                   interval=0.5,
-                   message="20 live scrapes after the history")
+        history_samples = int(re.search(r"(\d+) samples of", result.stdout)[1])
+        eventually(lambda: prometheus.query(f"count_over_time(up[2h]) >= {history_samples + 3}"), timeout=120,
+                   interval=1, message="3 live scrapes after the history")
+        (up,) = prometheus.query("up[2h]")
+        live_scrapes = [float(moment) for moment, _ in up["values"] if float(moment) > seam]
         one_series = 'payment_requests_total{status="200",type="standard",currency="EUR"}'
-        assert len(prometheus.query(f"count_over_time({one_series}[1h])")) == 1  # history and live: one series
-        assert float(prometheus.query(f"resets({one_series}[1h])")[0]["value"][1]) == 1  # the live restart
+        assert len(prometheus.query(f"count_over_time({one_series}[2h])")) == 1  # history and live: one series
+        assert float(prometheus.query(f"resets({one_series}[2h])")[0]["value"][1]) == 1  # the live start
+
+        def deviation(value, first, last):
+            """How many standard deviations of a Poisson count over [first, last) `value` is from the shape."""
+            expected = mean_rate(rate, math.floor(first), math.floor(last))
+            return (float(value) - expected) / (math.sqrt(expected * (last - first)) / (last - first))
         url = prometheus.url + "/api/v1/query_range?" + urllib.parse.urlencode({
-            "query": "sum(rate(payment_requests_total[5m]))", "start": seam - 600, "end": seam + 20, "step": 5})
+            "query": "sum(rate(payment_requests_total[5m]))", "start": seam - 3300, "end": live_scrapes[-1],
+            "step": 5})
         with urllib.request.urlopen(url, timeout=10) as response:
             (series,) = json.load(response)["data"]["result"]
-        values = [float(value) for _, value in series["values"]]
-        assert len(values) > 100 and 0.5 * rate < min(values) and max(values) < 1.5 * rate, (min(values), max(values))
-        increase = float(prometheus.query("sum(increase(payment_requests_total[2m]))")[0]["value"][1])
-        assert 0.5 * 120 * rate < increase < 1.5 * 120 * rate, increase
+        deviations = {float(moment) - seam: deviation(value, float(moment) - 300, float(moment))
+                      for moment, value in series["values"] if not seam < float(moment) < live_scrapes[0]}
+        assert len(deviations) > 660 and max(deviations) > live_scrapes[1] - seam, sorted(deviations)[-5:]
+        worst = max(deviations, key=lambda moment: abs(deviations[moment]))
+        assert abs(deviations[worst]) < 5, (worst, deviations[worst])
+        live = query_at(prometheus, "sum(payment_requests_total)", live_scrapes[-1])[0]["value"][1]
+        assert abs(deviation(float(live) / (live_scrapes[-1] - live_started), live_started, live_scrapes[-1])) < 5
+        gauge = "payment_simulation_rate"
+        assert float(query_at(prometheus, gauge, seam)[0]["value"][1]) == pytest.approx(rate * diurnal(seam), 1e-6)
+        live_gauge = float(query_at(prometheus, gauge, live_scrapes[-1])[0]["value"][1])
+        assert live_gauge == pytest.approx(rate * diurnal(live_scrapes[-1]), rel=1e-3)
     finally:
         prometheus.stop()
 
@@ -760,10 +1026,10 @@ def test_compose_backfills_before_prometheus_starts_with_only_the_variables_the_
 
 def test_trainers_make_blocks_with_the_promtool_command_the_tests_run():
     docs = "".join(path.read_text() for path in [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))])
-    documented = re.findall(r"promtool tsdb create-blocks-from openmetrics (\S+)", docs)
+    documented = re.findall(r"promtool tsdb create-blocks-from openmetrics ([^\s`]+)", docs)  # in code or text
     in_compose = re.findall(r"promtool tsdb create-blocks-from openmetrics (\S+)",
                             compose()["services"]["prometheus-history"]["command"][0])
-    assert documented == in_compose == [PROMTOOL_BLOCKS]
+    assert documented and set(documented) == set(in_compose) == {PROMTOOL_BLOCKS} and len(in_compose) == 1
 
 
 def compose_script(service, tmp_path, live_url):

@@ -22,6 +22,14 @@ def connect(app, timeout=10):
     return socket.create_connection(app.server.server_address[:2], timeout=timeout)
 
 
+def hold_busy(app):
+    """A connection that keeps a thread busy: its POST's body is still on its way."""
+    connection = connect(app)
+    connection.sendall(b"POST /api/payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 40\r\n\r\n{")
+    return connection
+
+
 def read_until_closed(connection):
     """Everything the server sends until it closes the connection."""
     received = b""
@@ -110,9 +118,9 @@ def test_an_idle_keep_alive_connection_still_gets_its_idle_timeout_after_a_reque
 
 
 def test_beyond_the_connection_limit_clients_get_a_fast_503_while_health_and_metrics_answer(make_app):
-    app = make_app(max_connections=4)
+    app = make_app(max_connections=4, client_share=1.0)
     threads_before = threading.active_count()
-    held = [connect(app) for _ in range(4)]  # idle connections: each holds one of the four threads
+    held = [hold_busy(app) for _ in range(4)]  # each holds one of the four threads
     try:
         eventually(lambda: len(app.server.connections) == 4, message="four connections served")
         excess = [connect(app) for _ in range(30)]  # sent nothing yet: they wait without a thread
@@ -137,7 +145,7 @@ def test_beyond_the_connection_limit_clients_get_a_fast_503_while_health_and_met
 def test_the_overflow_survives_connections_churning_through_it(make_app, monkeypatch):
     monkeypatch.setattr(payment_api.Overflow, "CAPACITY", 5)
     app = make_app(max_connections=1)
-    held = connect(app)
+    held = hold_busy(app)
     eventually(lambda: len(app.server.connections) == 1, message="one connection served")
     try:
         for _ in range(20):  # bursts that overfill the overflow while some of its connections send or leave
@@ -158,7 +166,7 @@ def test_the_overflow_survives_connections_churning_through_it(make_app, monkeyp
 def test_the_overflow_is_bounded_and_closes_the_oldest_silent_connection(make_app, monkeypatch):
     monkeypatch.setattr(payment_api.Overflow, "CAPACITY", 5)
     app = make_app(max_connections=1)
-    held = connect(app)
+    held = hold_busy(app)
     eventually(lambda: len(app.server.connections) == 1, message="one connection served")
     silent = [connect(app) for _ in range(12)]
     try:
@@ -193,9 +201,9 @@ def cpu_seconds(pid):
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads CPU time from /proc (Linux)")
 def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(run_service, tmp_path):
     limit = 64
-    command = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
-               "runpy.run_path('payment_api.py', run_name='__main__')" % (limit, limit))
-    service = run_service(["-c", command], ENABLE_SIMULATION="false", INFLUXDB_URL="", MAX_CONNECTIONS="500")
+    service = run_service(ENABLE_SIMULATION="false", INFLUXDB_URL="", MAX_CONNECTIONS="500")
+    # lowered after start-up (which fits MAX_CONNECTIONS to the limit), as if files had used it up
+    resource.prlimit(service.pid, resource.RLIMIT_NOFILE, (limit, limit))
     host, port = "127.0.0.1", int(service.url.rsplit(":", 1)[1])
     clients = []
     try:
