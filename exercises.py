@@ -420,7 +420,8 @@ def rule_groups(document):
     groups = document.get("groups") or []
     if not isinstance(groups, list):
         raise DocumentError("groups: must be a list of rule groups")
-    rule_count = sum(len(group.get("rules") or []) for group in groups if isinstance(group, dict))
+    rule_count = sum(len(as_list(group.get("rules"))) for group in groups
+                     if isinstance(group, dict))
     if rule_count > MAX_RULES:
         raise DocumentError(f"more than {MAX_RULES} rules: score a smaller file")
     seen = set()
@@ -880,16 +881,21 @@ def load_dashboard(text):
     return document
 
 
+def as_list(value):
+    """A list from a document, or [] for anything else: a malformed part checks as empty."""
+    return value if isinstance(value, list) else []
+
+
 def all_panels(board):
     """Every panel, those inside rows (collapsed or not, and the old `rows` layout) included."""
     def walk(panels):
         for panel in panels:
             if isinstance(panel, dict):
                 yield panel
-                yield from walk(panel.get("panels") or [])
-    rows = [row for row in board.get("rows") or [] if isinstance(row, dict)]
-    yield from walk(board.get("panels") or [])
-    yield from walk([panel for row in rows for panel in row.get("panels") or []])
+                yield from walk(as_list(panel.get("panels")))
+    rows = [row for row in as_list(board.get("rows")) if isinstance(row, dict)]
+    yield from walk(as_list(board.get("panels")))
+    yield from walk([panel for row in rows for panel in as_list(row.get("panels"))])
 
 
 def datasource_kind(source, inputs, variables):
@@ -916,9 +922,10 @@ def datasource_kind(source, inputs, variables):
 def read_variables(board):
     """{name: Variable} of the dashboard's template variables, in order."""
     inputs = {item.get("name"): str(item.get("pluginId") or "")
-              for item in board.get("__inputs") or [] if isinstance(item, dict)}
+              for item in as_list(board.get("__inputs")) if isinstance(item, dict)}
     variables = {}
-    for item in (board.get("templating") or {}).get("list") or []:
+    templating = board.get("templating")
+    for item in as_list(templating.get("list") if isinstance(templating, dict) else None):
         if not isinstance(item, dict) or not item.get("name"):
             raise DocumentError("templating.list holds a variable without a name")
         query = item.get("query")
@@ -937,12 +944,12 @@ def read_variables(board):
 def panel_queries(board, variables):
     """Every query of every panel (hidden ones left out), with its data source's type."""
     inputs = {item.get("name"): str(item.get("pluginId") or "")
-              for item in board.get("__inputs") or [] if isinstance(item, dict)}
+              for item in as_list(board.get("__inputs")) if isinstance(item, dict)}
     found = []
     for panel in all_panels(board):
         title = str(panel.get("title") or f"panel {panel.get('id')}")
         unit = str(((panel.get("fieldConfig") or {}).get("defaults") or {}).get("unit") or "")
-        for target in panel.get("targets") or []:
+        for target in as_list(panel.get("targets")):
             if not isinstance(target, dict) or target.get("hide"):
                 continue
             source = target.get("datasource") or panel.get("datasource")

@@ -615,6 +615,8 @@ class PaymentStore:
 
     def add(self, payment):
         with self._lock:
+            replaced = self._payments.pop(payment.payment_id, None)  # an id drawn twice
+            self._refunds -= len(replaced.refunds) if replaced else 0
             self._payments[payment.payment_id] = payment
             if len(self._payments) > self.capacity:
                 self._forget_oldest()
@@ -1446,7 +1448,8 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.trace = trace
         pay = functools.partial(app.processor.pay, request, app.rng, effects, fault, trace,
                                 app.abort_waits.wait)
-        key = self.headers.get("Idempotency-Key") or None  # empty: as if not sent
+        # every Idempotency-Key header (two are refused); an empty one is as if none were sent
+        key = ",".join(self.headers.get_all("Idempotency-Key", [])) or None
         if key is not None:  # a retry gets the first answer, not a second payment (Part II)
             return app.idempotency.answer_once(self, key, request, pay, payment_answer)
         payment = pay()
@@ -1465,7 +1468,8 @@ class PaymentHandler(BaseHTTPRequestHandler):
             amount = validate_amount(amount)
         app = self.server.app
         refund = functools.partial(app.processor.refund, payment_id, amount, "api")
-        key = self.headers.get("Idempotency-Key") or None  # empty: as if not sent
+        # every Idempotency-Key header (two are refused); an empty one is as if none were sent
+        key = ",".join(self.headers.get_all("Idempotency-Key", [])) or None
         if key is not None:  # a retry gets the first answer, not a second refund (Part II)
             return app.idempotency.answer_once(self, key, amount, refund, refund_answer)
         self.send_json(*refund_answer(refund()))
@@ -2088,14 +2092,22 @@ class ConnectionGuards:
         self.rfile.close()  # the stdlib's reader, replaced by one with deadlines
         self.reader = DeadlineReader(self.connection, "rb")
         self.rfile = io.BufferedReader(self.reader)
+        self.answered = 0  # requests on this connection
 
     def handle_one_request(self):
         self.reader.deadline = None  # the next request is awaited with the idle timeout
         self.in_progress = None
-        self.server.idle_connections[self.connection] = True  # room to make at the cap
+        self.continue_asked = False
+        self.served = self.connection in self.server.connections  # not one of the Overflow's
+        if self.served and self.server.app.stopping and self.answered:
+            self.close_connection = True  # a keep-alive connection gets no new request in a stop
+            return
+        if self.served:
+            self.server.idle_connections[self.connection] = True  # room to make at the cap
         try:
             super().handle_one_request()
         finally:
+            self.answered += 1
             if self.in_progress:  # counted from its headers to its answer
                 self.in_progress.leave(self.client)
 
@@ -2117,7 +2129,9 @@ class ConnectionGuards:
         """The stdlib's parsing, then framing checked and the body's deadline set."""
         if not super().parse_request():
             return False
-        self.server.idle_connections.pop(self.connection, None)  # busy now, until answered
+        if self.served and self.server.idle_connections.pop(self.connection, None) is None:
+            self.close_connection = True  # closed to make room while its head arrived: a
+            return False  # part of a request must never be served as if it were whole
         app = self.server.app
         path = urlsplit(self.path).path
         error = (framing_error(self.headers) or cross_site_error(
@@ -2136,13 +2150,15 @@ class ConnectionGuards:
         most_bytes, _ = BODIES.get(path, JSON_BODY)
         if length and WHOLE_NUMBER.fullmatch(length) and int(length) <= most_bytes:
             self.reader.expect_body(int(length))
+            if self.continue_asked:  # the checks passed: now the body is welcome
+                self.send_response_only(100)
+                self.end_headers()
+                self.wfile.flush()  # at once, not with the final answer
         return True
 
     def handle_expect_100(self):
-        """Expect: 100-continue: the interim answer leaves at once, not with the final one."""
-        self.send_response_only(100)
-        self.end_headers()
-        self.wfile.flush()
+        """Expect: 100-continue is answered once the request's checks pass (parse_request)."""
+        self.continue_asked = True
         return True
 
     def refuse(self, error):
@@ -2167,8 +2183,11 @@ def fit_to_file_limit(wanted):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-        soft = raised
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):  # macOS caps it below the hard limit: keep the soft one
+            pass
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return wanted, Overflow.CAPACITY
     room = max(2, soft - SPARE_DESCRIPTORS)
@@ -2253,10 +2272,11 @@ class GuardedServer(PaymentServer):
 
     def close_idle_connections(self):
         """A stop ends the connections that wait for a request; the others finish theirs."""
-        for connection in list(self.idle_connections):
+        while self.idle_connections:
             try:
+                connection, _ = self.idle_connections.popitem(last=False)
                 connection.shutdown(socket.SHUT_RD)
-            except OSError:
+            except (KeyError, OSError):  # taken by its own thread meanwhile, or already gone
                 pass
 
     def _back_off(self, error):
@@ -3077,7 +3097,6 @@ class OverflowHandler(GuardedHandler):
     def handle(self):
         self.close_connection = True
         self.handle_one_request()
-        self.server.idle_connections.pop(self.connection, None)  # never one of the served
 
 # ---------------------------------------------------------------- scenarios: control and schedule
 

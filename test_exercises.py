@@ -435,3 +435,15 @@ def test_a_document_grafana_would_not_import_exits_2_with_one_line(history, tmp_
     assert result.stderr.startswith(f"exercises.py dashboard: board.json: {message}") and result.stderr.count("\n") == 1
     with pytest.raises(exercises.DocumentError):
         exercises.check_dashboard(history.url, document, 3600, now=END_SECONDS)
+
+
+@pytest.mark.parametrize("document", ['{"panels": [{"targets": 5}]}', '{"panels": [{"panels": 5}]}',
+                                      '{"panels": [], "rows": 7}'])
+def test_a_dashboard_with_malformed_parts_checks_them_as_empty_not_a_crash(document):
+    report = exercises.check_dashboard("http://127.0.0.1:9", document, 3600)  # nothing to ask Prometheus
+    assert report["empty_panels"] == []
+
+
+def test_a_rule_group_whose_rules_are_not_a_list_is_refused_by_name():
+    with pytest.raises(exercises.DocumentError, match='group "a": rules: must be a list'):
+        exercises.score_alert_rules("http://127.0.0.1:9", '{"groups": [{"name": "a", "rules": 5}]}', 3600)

@@ -277,6 +277,35 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(app):
     assert interim.startswith(b"HTTP/1.1 100 Continue") and status == 200
 
 
+def test_expect_100_continue_is_not_sent_to_a_request_that_is_refused(app):
+    import socket
+    with socket.create_connection(app.server.server_address[:2], timeout=2) as connection:
+        connection.sendall(b"POST /api/payments HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                           b"Origin: http://evil.example\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 10\r\n\r\n")
+        first = connection.recv(200)
+    assert first.startswith(b"HTTP/1.1 403")
+
+
+def test_a_head_cut_to_make_room_is_never_served_as_a_whole_request(make_app):
+    """A connection still sending its head is idle, so it may be closed to make room; what it had sent
+    (here a refund without its body's length) must not run as if it were the whole request."""
+    import socket
+    app = make_app(max_connections=2)
+    payment_id = pay(app)[2]["paymentId"]
+    partial = socket.create_connection(app.server.server_address[:2], timeout=5)
+    partial.sendall(f"POST /api/payments/{payment_id}/refunds HTTP/1.1\r\nHost: x\r\n".encode())
+    eventually(lambda: len(app.server.idle_connections) == 1, message="the partial head waiting")
+    others = [socket.create_connection(app.server.server_address[:2], timeout=5) for _ in range(2)]
+    cut_answer = partial.recv(200)  # the connection ends: no answer at all
+    eventually(lambda: partial not in app.server.connections, message="its thread gone")
+    after = http("GET", f"{app.url}/api/payments/{payment_id}")[2]
+    for connection in [partial, *others]:
+        connection.close()
+    assert cut_answer == b""
+    assert after["refundedAmount"] == 0
+
+
 def test_a_stop_lets_a_body_still_arriving_finish(make_app):
     import socket
     app = make_app()
