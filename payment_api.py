@@ -1478,6 +1478,17 @@ class PaymentHandler(BaseHTTPRequestHandler):
 
     def read_json(self, required=True):
         """The request's JSON body (None when optional and absent); 400, 408, 411, 413 or 415
+        when unusable."""
+        body = self.read_body(required, MAX_BODY_BYTES)
+        if not body and not required:
+            return None
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise UnsupportedMediaType("Content-Type must be application/json")
+        return parse_json(body)
+
+    def read_body(self, required, most_bytes):
+        """The request's body as bytes (None when optional and absent); 400, 408, 411 or 413
         when unusable. Part II made sure at most one Content-Length came."""
         length = self.headers.get("Content-Length")
         if "Transfer-Encoding" in self.headers or (length is None and required):
@@ -1486,8 +1497,8 @@ class PaymentHandler(BaseHTTPRequestHandler):
             return None
         if not WHOLE_NUMBER.fullmatch(length):
             raise MalformedBody("Content-Length must be a whole number")
-        if int(length) > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
+        if int(length) > most_bytes:
+            raise PayloadTooLarge(f"body is larger than {most_bytes} bytes")
         try:
             body = self.rfile.read(int(length))
         except TimeoutError:  # the body's deadline (Part II) passed
@@ -1495,12 +1506,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
         if len(body) < int(length):
             raise MalformedBody("the connection closed before the whole body arrived")
         self.body_unread = False
-        if not body and not required:
-            return None
-        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise UnsupportedMediaType("Content-Type must be application/json")
-        return parse_json(body)
+        return body
 
     def read_object(self, required=True):
         """The body as a JSON object; {} when optional and absent (or null); else 400."""
@@ -3059,22 +3065,9 @@ class CheckEndpoints:
     def read_document(self, types):
         """The body as text: at most MAX_CHECK_BODY_BYTES of one of `types`; 400, 408, 411, 413
         or 415 as read_json answers them."""
-        length = self.headers.get("Content-Length")
-        if length is None or "Transfer-Encoding" in self.headers:
-            raise LengthRequired("a Content-Length header is required")
-        if not WHOLE_NUMBER.fullmatch(length):
-            raise MalformedBody("Content-Length must be a whole number")
-        if int(length) > MAX_CHECK_BODY_BYTES:
-            raise PayloadTooLarge(f"body is larger than {MAX_CHECK_BODY_BYTES} bytes")
+        body = self.read_body(True, MAX_CHECK_BODY_BYTES)
         if media_type(self.headers.get("Content-Type", "")) not in types:
             raise UnsupportedMediaType("Content-Type must be " + " or ".join(types))
-        try:
-            body = self.rfile.read(int(length))
-        except TimeoutError:  # the body's deadline (ConnectionGuards) passed
-            raise RequestTimeout("the body did not arrive in time") from None
-        if len(body) < int(length):
-            raise MalformedBody("the connection closed before the whole body arrived")
-        self.body_unread = False
         return body.decode("utf-8", errors="replace")  # as exercises.py reads a file
 
 
