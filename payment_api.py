@@ -29,6 +29,7 @@ subclass or a small hook, so Part I reads without it.
 """
 import argparse
 import base64
+import bisect
 import dataclasses
 import errno
 import functools
@@ -37,6 +38,7 @@ import hashlib
 import heapq
 import hmac
 import io
+import itertools
 import ipaddress
 import json
 import logging
@@ -508,18 +510,17 @@ def read_fault(headers):
 TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
+class TraceContext(NamedTuple):
     """Where a payment sits in a distributed trace: the ids of its answer, log line and spans."""
     trace_id: str  # 32 hex digits
     span_id: str  # 16 hex digits: the payment's own span
     parent_span_id: str = None  # the client's span, from its traceparent header, or None
     sampled: bool = True  # whether its spans are recorded: the client's or the sampler's say
-    traceparent: str = field(init=False)  # the header naming the payment's span, for the answer
 
-    def __post_init__(self):
-        flags = "01" if self.sampled else "00"
-        object.__setattr__(self, "traceparent", f"00-{self.trace_id}-{self.span_id}-{flags}")
+    @property
+    def traceparent(self):
+        """The traceparent header naming the payment's span, for the answer."""
+        return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
 
 
 def trace_context(traceparent_headers):
@@ -580,23 +581,26 @@ class Payment:
     http_status: int  # 200 completed, 402 declined, 500 failed, 503 unavailable (outage)
     completed_at: float = None
     decline_code: str = None
-    refunds: list = field(default_factory=list)
+    refunds: tuple = ()  # the Refunds, oldest first
     trace: TraceContext = None
-    steps: tuple = ()  # the processing Steps, whose seconds add up to processing_time
-    # worked out once from http_status and steps:
+    usual_time: float = None  # processing_time without a slow bank or a scenario's slowdown
+    failure_reason: str = None  # why a failed or refused payment did not go through
+    # worked out once from http_status:
     succeeded: bool = field(init=False)
     status: str = field(init=False)  # completed, declined or failed: in answers and the store
     outcome: str = field(init=False)  # success, declined or failed: metric labels and tags
-    failure_reason: str = field(init=False)  # why a failed or refused payment did not go through
 
     def __post_init__(self):
         self.succeeded = self.http_status == 200
         self.status = PAYMENT_STATUS.get(self.http_status, "failed")
         self.outcome = PAYMENT_OUTCOME.get(self.http_status, "failed")
-        reasons = [step.error for step in self.steps if step.error]
-        if self.http_status == 503:
-            reasons = [OUTAGE_REASON]
-        self.failure_reason = reasons[0] if reasons else None
+
+    @property
+    def steps(self):
+        """The processing Steps, spans of its trace: worked out when asked for, not kept."""
+        usual_time = self.processing_time if self.usual_time is None else self.usual_time
+        return processing_steps(self.http_status, self.processing_time, usual_time,
+                                self.failure_reason)
 
     @property
     def refunded(self):
@@ -662,7 +666,7 @@ class PaymentStore:
                 raise Unprocessable(f"at most {remaining} {payment.request.currency} remains "
                                     "to refund", field="amount", refundable=float(remaining))
             refund = make_refund(payment, remaining if amount is None else amount)
-            payment.refunds.append(refund)
+            payment.refunds += (refund,)
             self._refunds += 1
             if self._refunds > self.capacity:
                 self._forget_oldest_refunded(besides=payment_id)
@@ -697,6 +701,27 @@ SLOW_BANK_SHARE = 0.01  # 1 % of payments meet a slow bank
 SLOW_BANK_FACTOR = 4.0  # and take 4 times as long
 
 
+class WeightedChoice(NamedTuple):
+    """A population and its weights added up once: pick() draws from it."""
+    population: tuple
+    cumulative_weights: tuple
+
+
+def weighted(population, weights):
+    return WeightedChoice(tuple(population), tuple(itertools.accumulate(weights)))
+
+
+def pick(rng, choice):
+    """One weighted pick: what rng.choices(population, weights)[0] draws, from the same random
+    number, without adding up the weights again at every draw."""
+    position = rng.random() * choice.cumulative_weights[-1]
+    last = len(choice.population) - 1
+    return choice.population[bisect.bisect(choice.cumulative_weights, position, 0, last)]
+
+
+DECLINE_CHOICE = weighted(DECLINE_CODES, DECLINE_WEIGHTS.values())
+
+
 class PaymentProcessor:
     """Turns a valid PaymentRequest into a Payment: one path for API and simulated payments."""
 
@@ -708,6 +733,7 @@ class PaymentProcessor:
         self.exporter = exporter
         self._clock = clock
         self.tracer = tracer
+        self.payment_log = PaymentLog(settings.log_format)
 
     def begin(self, request, rng, source, effects=NO_EFFECTS, fault=Fault(), trace=None):
         """Decide the outcome and processing time; the caller waits that long, then calls
@@ -718,25 +744,31 @@ class PaymentProcessor:
         if status == 402:
             decline_code = request.decline_code
             if decline_code is None:
-                decline_code = rng.choices(DECLINE_CODES, DECLINE_WEIGHTS.values())[0]
-        steps = processing_steps(status, processing_time, usual_time, request, effects, fault,
-                                 self.settings.currencies)
+                decline_code = pick(rng, DECLINE_CHOICE)
+        reason = None
+        if status == 500:
+            reason = failure_reason(request, effects, fault, self.settings.currencies)
+        elif status == 503:
+            reason = OUTAGE_REASON
         self.stats.record_start()
         trace = self.tracer.sample(trace or trace_context(()), source)  # recorded or not
         payment_id = f"pay_{trace.span_id}"  # the id of the payment's own span, drawn for it
         return Payment(payment_id, request, source, processing_time, status,
-                       decline_code=decline_code, trace=trace, steps=steps)
+                       decline_code=decline_code, trace=trace, usual_time=usual_time,
+                       failure_reason=reason)
 
-    def finish(self, payment):
-        """Count, keep, export, log and trace a completed payment: every payment comes here."""
+    def finish(self, payment, log_later=None):
+        """Count, keep, export, log and trace a completed payment: every payment comes here.
+        With a list `log_later`, its log line waits there for PaymentLog.write_lines."""
         payment.completed_at = self._clock()
         self.store.add(payment)
         self.tracer.record(payment)
         self.metrics.record_payment(payment)
         self.stats.record(payment)
-        self.exporter.export(payment_line(payment, self.settings.instance))
+        if self.exporter.enabled:  # no line is built for an export that is off
+            self.exporter.export(payment_line(payment, self.settings.instance))
         if self.settings.log_payments:
-            log.info("payment", extra={"fields": log_fields(payment)})
+            self.payment_log.write(payment, log_later)
         return payment
 
     def pay(self, request, rng, effects, fault, trace, wait):
@@ -753,7 +785,8 @@ class PaymentProcessor:
         refund, payment = self.store.refund(payment_id, amount, make_refund)
         self.metrics.record_refund(refund)
         self.stats.record_refund(refund)
-        self.exporter.export(refund_line(refund, payment, self.settings.instance))
+        if self.exporter.enabled:
+            self.exporter.export(refund_line(refund, payment, self.settings.instance))
         return refund, payment
 
     def reject(self, error, document):
@@ -795,16 +828,13 @@ def draw_outcome(rng, request, settings, effects, fault=Fault()):
 STEP_SHARES = {"validation": 0.08, "fraud_check": 0.22}
 
 
-def processing_steps(status, processing_time, usual_time, request, effects, fault, currencies):
+def processing_steps(status, processing_time, usual_time, error=None):
     """The Steps a payment's processing time splits into (their seconds add up to it), the
-    failing one with why."""
+    failing one with why (`error`)."""
     if status == 503:  # refused before any step began
         return ()
     validation = Step("validation", usual_time * STEP_SHARES["validation"])
     fraud_check = Step("fraud_check", usual_time * STEP_SHARES["fraud_check"])
-    error = None
-    if status == 500:
-        error = failure_reason(request, effects, fault, currencies)
     bank_seconds = max(processing_time - validation.seconds - fraud_check.seconds, 0.0)
     return validation, fraud_check, Step("bank_authorization", bank_seconds, error)
 
@@ -1097,6 +1127,7 @@ class InfluxWriter:
     """Writes one point per payment through influxdb-client's batching WriteApi: export() only
     queues the line, so a payment never waits for InfluxDB. The exporter of Part II adds what
     an unreliable network needs (states, a bounded stop)."""
+    enabled = True
     RETRIES = {"retry_interval": 1_000, "exponential_base": 2, "max_retry_delay": 5_000,
                "max_retries": 8, "max_retry_time": 120_000}  # ms: about 30 s, 2 minutes at most
 
@@ -1157,6 +1188,7 @@ class InfluxWriter:
 
 class DisabledExporter:
     """Stands in for InfluxDB export when it is off: same interface, does nothing."""
+    enabled = False
 
     def __init__(self, reason):
         self.reason = reason
@@ -1174,6 +1206,23 @@ class DisabledExporter:
         pass
 
 
+def iso_utc(epoch_seconds):
+    """2026-11-26T12:00:00.118Z: what datetime's isoformat gives in milliseconds, in a fraction
+    of the time (every log line and every answer has one)."""
+    fraction, whole = math.modf(epoch_seconds)
+    milliseconds = round(fraction * 1_000_000) // 1000  # to microseconds first, as datetime
+    if milliseconds == 1000:
+        whole += 1
+        milliseconds = 0
+    return f"{utc_second(whole)}.{milliseconds:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def utc_second(whole_seconds):
+    """2026-11-26T12:00:00, worked out once a second, not once a line."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole_seconds))
+
+
 def log_fields(payment):
     """The fields of a payment's `payment` log line: what Loki filters on, and the ids that
     lead to its trace."""
@@ -1189,6 +1238,61 @@ def log_fields(payment):
     if payment.failure_reason:
         fields["reason"] = payment.failure_reason
     return fields
+
+
+class PaymentLog:
+    """Writes the `payment` event of every payment to stdout, where every event goes. It is the
+    service's busiest line, so a JSON one (the default LOG_FORMAT) is rendered at once: the
+    line LogFormatter would write for log_fields(payment), without a LogRecord or a dict."""
+
+    def __init__(self, style):
+        self.style = style
+
+    def write(self, payment, later=None):
+        """Write the payment's line now, or add it to the list `later` for write_lines()."""
+        if self.style != "json":
+            log.info("payment", extra={"fields": log_fields(payment)})
+        elif later is not None:
+            later.append(payment)
+        else:
+            self.write_lines([payment])
+
+    def write_lines(self, payments):
+        """The JSON lines of `payments` in one write: the simulator finishes several at once."""
+        if not payments or not log.isEnabledFor(logging.INFO):
+            return
+        now = time.time()
+        text = "".join([json_log_line(payment, now) for payment in payments])
+        try:  # whole lines in one write, as logging's handler writes: lines never mix
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except (OSError, ValueError):  # stdout closed: the payments go on without it
+            pass
+
+
+# a str as a JSON string, escaped as json.dumps escapes it
+json_text = json.encoder.encode_basestring_ascii
+
+
+def json_log_line(payment, now):
+    """log_fields(payment) as the JSON line of a `payment` event at `now`, keys in that order.
+    Ids, statuses, currencies and types are plain ASCII; a customer id or a reason is escaped
+    as json.dumps would."""
+    request = payment.request
+    line = (f'{{"time": "{iso_utc(now)}", "level": "info", "event": "payment", '
+            f'"trace_id": "{payment.trace.trace_id}", "span_id": "{payment.trace.span_id}", '
+            f'"payment_id": "{payment.payment_id}", "status": "{payment.status}", '
+            f'"http_status": {payment.http_status}, "amount": {float(request.amount)!r}, '
+            f'"currency": "{request.currency}", "type": "{request.type}", '
+            f'"method": "{request.method}", "customer_id": {json_text(request.customer_id)}, '
+            f'"source": "{payment.source}", '
+            f'"processing_seconds": {round(payment.processing_time, 4)!r}')
+    if payment.decline_code:
+        line += f', "decline_code": "{payment.decline_code}"'
+    if payment.failure_reason:
+        line += f', "reason": {json_text(payment.failure_reason)}'
+    return line + "}\n"
+
 
 # ---------------------------------------------------------------- 7. HTTP
 
@@ -1230,17 +1334,6 @@ def refund_json(refund):
     return {"refundId": refund.refund_id, "paymentId": refund.payment_id,
             "amount": float(refund.amount), "currency": refund.currency, "status": "succeeded",
             "source": refund.source, "timestamp": iso_utc(refund.created_at)}
-
-
-def iso_utc(epoch_seconds):
-    """2026-11-26T12:00:00.118Z: what datetime's isoformat gives in milliseconds, in half the
-    time (every log line and every answer has one)."""
-    fraction, whole = math.modf(epoch_seconds)
-    milliseconds = round(fraction * 1_000_000) // 1000  # to microseconds first, as datetime
-    if milliseconds == 1000:
-        whole += 1
-        milliseconds = 0
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{milliseconds:03d}Z"
 
 
 def routes_by_plain_path(routes):
@@ -1686,14 +1779,24 @@ def profile_factor(profile, elapsed, period, utc=None, seed=None):
     return 1.0
 
 
+TYPE_CHOICE = weighted(PAYMENT_TYPES, TYPE_WEIGHTS)
+AMOUNT_BAND_CHOICE = weighted(AMOUNT_BANDS, [band[0] for band in AMOUNT_BANDS])
+METHOD_CHOICE = weighted(PAYMENT_METHODS, METHOD_WEIGHTS)
+
+
+@functools.lru_cache(maxsize=8)
+def currency_choice(currencies):
+    """The configured currencies (a tuple), weighted as CURRENCY_WEIGHTS says."""
+    return weighted(currencies, [CURRENCY_WEIGHTS.get(code, 10) for code in currencies])
+
+
 def draw_request(rng, currencies):
     """A PaymentRequest as a real shop's customers make them: the simulator's mix."""
-    currency_weights = [CURRENCY_WEIGHTS.get(code, 10) for code in currencies]
-    currency = rng.choices(currencies, currency_weights)[0]
-    payment_type = rng.choices(PAYMENT_TYPES, TYPE_WEIGHTS)[0]
-    _, low, high = rng.choices(AMOUNT_BANDS, [band[0] for band in AMOUNT_BANDS])[0]
+    currency = pick(rng, currency_choice(currencies))
+    payment_type = pick(rng, TYPE_CHOICE)
+    _, low, high = pick(rng, AMOUNT_BAND_CHOICE)
     amount = low * (high / low) ** rng.random()
-    method = rng.choices(PAYMENT_METHODS, METHOD_WEIGHTS)[0]
+    method = pick(rng, METHOD_CHOICE)
     pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
     customer_id = CUSTOMER_IDS[int(rng.random() * pool)]
     return PaymentRequest(Decimal(f"{amount:.2f}"), currency, payment_type, customer_id, method)
@@ -1750,10 +1853,13 @@ class Simulator:
             return 0.0
         if effects is None:
             effects = self.scenarios.effects()
-        elapsed = now - self._started_at
-        utc = time.time() + now - self._clock()  # `now` on the wall clock, for a 24-hour day
-        shape = profile_factor(self.config["profile"], elapsed, self.settings.simulation_period,
-                               utc, self.settings.simulation_seed)
+        shape = 1.0  # steady
+        if self.config["profile"] != "steady":
+            elapsed = now - self._started_at
+            utc = time.time() + now - self._clock()  # `now` on the wall clock, for a 24-hour day
+            shape = profile_factor(self.config["profile"], elapsed,
+                                   self.settings.simulation_period, utc,
+                                   self.settings.simulation_seed)
         return self.config["rate"] * shape * effects.rate_factor
 
     def tick(self, now):
@@ -1793,14 +1899,16 @@ class Simulator:
             self._finish_until(math.inf)
 
     def _finish_until(self, now):
+        finished = []  # their log lines go out in one write
         while self._in_flight and self._in_flight[0][0] <= now:
             completed_at, sequence, payment = heapq.heappop(self._in_flight)
-            self.processor.finish(payment)
+            self.processor.finish(payment, finished)
             refund = payment.succeeded and draw_refund(self._rng, payment.request.amount)
             if refund:
                 delay, amount = refund
                 due = (completed_at + delay, sequence, payment.payment_id, amount)
                 heapq.heappush(self._refunds_due, due)
+        self.processor.payment_log.write_lines(finished)
 
     def _refund_until(self, now):
         while self._refunds_due and self._refunds_due[0][0] <= now:

@@ -813,14 +813,32 @@ def test_exemplars_carry_the_payments_trace_id_in_openmetrics_only(app):
     assert b"trace_id" not in classic
 
 
-def test_every_completed_payment_logs_one_payment_event_with_its_ids(make_app, caplog):
+class PaymentLines:
+    """The `payment` events written to stdout so far (JSON lines, written past logging's
+    records: capsys, not caplog, sees them)."""
+
+    def __init__(self, capsys):
+        self.capsys = capsys
+        self.events = []
+
+    def __call__(self):
+        for line in self.capsys.readouterr().out.splitlines():
+            event = json.loads(line)
+            assert event["event"] == "payment" and event["level"] == "info"
+            self.events.append(event)
+        return self.events
+
+
+def test_every_completed_payment_logs_one_payment_event_with_its_ids(make_app, caplog, capsys):
     caplog.set_level("INFO", logger="payment_api")
     app = make_app(simulation_enabled=True, simulation_rate=50.0)
     _, headers, body = post_payment(app, {**SEED_PAYMENT, "cardNumber": "4000000000009995"},
                                     headers={"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"})
-    lines = eventually(lambda: [record.fields for record in caplog.records if record.getMessage() == "payment"
-                                and record.fields["source"] == "simulator"] and
-                       [record.fields for record in caplog.records if record.getMessage() == "payment"])
+    payment_lines = PaymentLines(capsys)
+    events = eventually(lambda: [event for event in payment_lines() if event["source"] == "simulator"]
+                        and payment_lines())
+    lines = [{key: value for key, value in event.items() if key not in ("time", "level", "event")}
+             for event in events]
     mine = [fields for fields in lines if fields["payment_id"] == body["paymentId"]]
     assert mine == [{"trace_id": CLIENT_TRACE_ID, "span_id": headers["traceparent"].split("-")[2],
                      "payment_id": body["paymentId"], "status": "declined", "http_status": 402, "amount": 100.5,
@@ -828,21 +846,43 @@ def test_every_completed_payment_logs_one_payment_event_with_its_ids(make_app, c
                      "source": "api", "processing_seconds": body["processingTime"],
                      "decline_code": body["declineCode"]}]
     assert "cardNumber" not in caplog.text and "4000000000009995" not in caplog.text
+    assert "cardNumber" not in json.dumps(events) and "4000000000009995" not in json.dumps(events)
     assert all(len(fields["trace_id"]) == 32 for fields in lines)
 
 
-def test_log_payments_false_turns_payment_lines_off(make_app, caplog):
+def test_log_payments_false_turns_payment_lines_off(make_app, caplog, capsys):
     caplog.set_level("INFO", logger="payment_api")
     app = make_app(log_payments=False)
     assert post_payment(app)[0] == 200
     eventually(lambda: any(record.getMessage() == "request" for record in caplog.records))
     assert not [record for record in caplog.records if record.getMessage() == "payment"]
+    assert '"payment"' not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("status, fault, effects", [
+    (200, payment_api.Fault(), payment_api.NO_EFFECTS),
+    (402, payment_api.Fault(), payment_api.NO_EFFECTS),
+    (500, payment_api.Fault(fail=True), payment_api.NO_EFFECTS),
+    (500, payment_api.Fault(), payment_api.SCENARIOS["currency_outage"][1]),
+    (503, payment_api.Fault(), payment_api.SCENARIOS["outage"][1])])
+def test_the_fast_payment_line_is_what_the_log_formatter_writes(make_app, status, fault, effects):
+    app = make_app(log_payments=False)
+    request = payment_api.PaymentRequest(payment_api.Decimal("12.30"), "GBP", "express", "cust_00042",
+                                         decline_code="insufficient_funds" if status == 402 else None)
+    payment = app.processor.begin(request, random.Random(3), "api", effects, fault)
+    payment.completed_at = 1_790_000_000.5
+    assert payment.http_status == status
+    record = logging.LogRecord("payment_api", logging.INFO, "", 0, "payment", (), None)
+    record.created = 1_790_000_000.0125
+    record.fields = payment_api.log_fields(payment)
+    expected = payment_api.LogFormatter("json").format(record) + "\n"
+    assert payment_api.json_log_line(payment, record.created) == expected
 
 
 def test_a_payment_log_line_in_text_format_keeps_its_ids_as_plain_values():
     payment = payment_api.Payment("pay_1", payment_api.PaymentRequest(1, "USD", "standard", "cust_00001"), "api",
                                   0.1, 500, 0.0, trace=payment_api.trace_context(()),
-                                  steps=(payment_api.Step("bank_authorization", 0.1, "bank gateway error"),))
+                                  failure_reason="bank gateway error")
     record = logging.LogRecord("payment_api", logging.INFO, "", 0, "payment", (), None)
     record.fields = payment_api.log_fields(payment)
     line = payment_api.LogFormatter("text").format(record)
@@ -865,8 +905,8 @@ def processing_steps(effects=payment_api.Effects(), fault=payment_api.Fault(), s
     request = payment_api.PaymentRequest(1, currency, "standard", "cust_00001")
     settings = dataclasses.replace(payment_api.Settings(), failure_rate=0.0, decline_rate=0.0)
     status_drawn, processing_time, usual_time = payment_api.draw_outcome(Draws(), request, settings, effects, fault)
-    steps = payment_api.processing_steps(status, processing_time, usual_time, request, effects, fault,
-                                         ("USD", "EUR", "GBP"))
+    error = payment_api.failure_reason(request, effects, fault, ("USD", "EUR", "GBP")) if status == 500 else None
+    steps = payment_api.processing_steps(status, processing_time, usual_time, error)
     return processing_time, steps
 
 
@@ -944,3 +984,17 @@ def test_a_trace_the_client_does_not_record_gets_no_exemplar(app):
     _, headers, body = post_payment(app, headers={"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-00"})
     assert body["traceId"] == CLIENT_TRACE_ID and headers["traceparent"].endswith("-00")
     assert openmetrics_exemplars(app, "payment_duration_seconds_bucket") == []
+
+
+def test_pick_draws_what_rng_choices_draws_so_a_seeded_simulation_is_unchanged():
+    tables = [(payment_api.DECLINE_CODES, list(payment_api.DECLINE_WEIGHTS.values())),
+              (payment_api.PAYMENT_TYPES, payment_api.TYPE_WEIGHTS),
+              (payment_api.AMOUNT_BANDS, [band[0] for band in payment_api.AMOUNT_BANDS]),
+              (("EUR", "USD", "GBP", "JPY"), [50, 30, 20, 10])]
+    picked, chosen = random.Random(11), random.Random(11)
+    for population, weights in tables:
+        choice = payment_api.weighted(population, weights)
+        draws = [payment_api.pick(picked, choice) for _ in range(20_000)]
+        assert draws == [chosen.choices(population, weights)[0] for _ in range(20_000)]
+        assert set(draws) == set(population)
+    assert payment_api.currency_choice(("EUR", "USD", "GBP", "JPY")).cumulative_weights == (50, 80, 100, 110)

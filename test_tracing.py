@@ -114,16 +114,16 @@ STEP_SECONDS = {"validation": 0.016, "fraud_check": 0.044, "bank_authorization":
 def make_payment(http_status=200, source="api", parent_span_id=None, sampled=True, decline_code=None,
                  error="bank gateway error", completed_at=None):
     """A finished Payment as PaymentProcessor.finish hands it to the tracer: 0.2 s in three steps, or none (503)."""
-    steps = ()
-    if http_status != 503:
-        steps = tuple(payment_api.Step(name, seconds, error if http_status == 500 and name == "bank_authorization"
-                                       else None) for name, seconds in STEP_SECONDS.items())
+    processing_time = 0.0 if http_status == 503 else sum(STEP_SECONDS.values())
+    reason = {500: error, 503: payment_api.OUTAGE_REASON}.get(http_status)
     request = payment_api.PaymentRequest(Decimal("100.50"), "EUR", "standard", "cust_00001")
     trace = payment_api.TraceContext(secrets.token_hex(16), secrets.token_hex(8), parent_span_id, sampled)
-    return payment_api.Payment(f"pay_{secrets.token_hex(8)}", request, source,
-                               sum(step.seconds for step in steps), http_status,
-                               completed_at=completed_at or time.time(), decline_code=decline_code, trace=trace,
-                               steps=steps)
+    payment = payment_api.Payment(f"pay_{secrets.token_hex(8)}", request, source, processing_time, http_status,
+                                  completed_at=completed_at or time.time(), decline_code=decline_code, trace=trace,
+                                  usual_time=processing_time, failure_reason=reason)
+    assert {step.name: step.seconds for step in payment.steps} == pytest.approx(
+        {} if http_status == 503 else STEP_SECONDS)
+    return payment
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ _TIMEOUT (milliseconds, as the specification says), _COMPRESSION, _CERTIFICATE,
 _CLIENT_CERTIFICATE, _CLIENT_KEY, and OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_SCHEDULE_DELAY,
 OTEL_BSP_MAX_EXPORT_BATCH_SIZE. Only OTLP over HTTP with protobuf is spoken.
 """
-import dataclasses
 import logging
 import threading
 from collections import deque
@@ -267,7 +266,7 @@ class PaymentTracer:
                                       is_remote=True, trace_flags=flags)
             parent = trace_api.set_span_in_context(trace_api.NonRecordingSpan(client_span))
         decision = self.sampler.should_sample(parent, int(trace.trace_id, 16), root_name(source))
-        return dataclasses.replace(trace, sampled=decision.decision.is_sampled())
+        return trace._replace(sampled=decision.decision.is_sampled())
 
     def spans(self, payment):
         """The payment's root span and one child per step, back to back from the root's start."""
