@@ -998,8 +998,7 @@ def header_parameters(api):
     """The optional request headers. The default of each is what its absence means, so an API
     client that sends every optional header filled in (Postman's converter does) changes
     nothing: no fault, no delay, no key, no trace of another's."""
-    traceparent = example_trace(api).traceparent.replace(example_trace(api).span_id,
-                                                         "b7ad6b7169203331")
+    traceparent = f"00-{example_trace(api).trace_id}-b7ad6b7169203331-01"
     keep = (f"kept {api.IdempotencyKeys.KEEP_SECONDS // 3600} hours, at most "
             f"{api.IdempotencyKeys.CAPACITY} keys")
     return {

@@ -517,11 +517,6 @@ class TraceContext(NamedTuple):
     parent_span_id: str = None  # the client's span, from its traceparent header, or None
     sampled: bool = True  # whether its spans are recorded: the client's or the sampler's say
 
-    @property
-    def traceparent(self):
-        """The traceparent header naming the payment's span, for the answer."""
-        return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
-
 
 def trace_context(traceparent_headers):
     """The payment's TraceContext: a child of the client's span when it sent one valid
@@ -701,27 +696,6 @@ SLOW_BANK_SHARE = 0.01  # 1 % of payments meet a slow bank
 SLOW_BANK_FACTOR = 4.0  # and take 4 times as long
 
 
-class WeightedChoice(NamedTuple):
-    """A population and its weights added up once: pick() draws from it."""
-    population: tuple
-    cumulative_weights: tuple
-
-
-def weighted(population, weights):
-    return WeightedChoice(tuple(population), tuple(itertools.accumulate(weights)))
-
-
-def pick(rng, choice):
-    """One weighted pick: what rng.choices(population, weights)[0] draws, from the same random
-    number, without adding up the weights again at every draw."""
-    position = rng.random() * choice.cumulative_weights[-1]
-    last = len(choice.population) - 1
-    return choice.population[bisect.bisect(choice.cumulative_weights, position, 0, last)]
-
-
-DECLINE_CHOICE = weighted(DECLINE_CODES, DECLINE_WEIGHTS.values())
-
-
 class PaymentProcessor:
     """Turns a valid PaymentRequest into a Payment: one path for API and simulated payments."""
 
@@ -744,7 +718,7 @@ class PaymentProcessor:
         if status == 402:
             decline_code = request.decline_code
             if decline_code is None:
-                decline_code = pick(rng, DECLINE_CHOICE)
+                decline_code = rng.choices(DECLINE_CODES, DECLINE_WEIGHTS.values())[0]
         reason = None
         if status == 500:
             reason = failure_reason(request, effects, fault, self.settings.currencies)
@@ -1206,23 +1180,6 @@ class DisabledExporter:
         pass
 
 
-def iso_utc(epoch_seconds):
-    """2026-11-26T12:00:00.118Z: what datetime's isoformat gives in milliseconds, in a fraction
-    of the time (every log line and every answer has one)."""
-    fraction, whole = math.modf(epoch_seconds)
-    milliseconds = round(fraction * 1_000_000) // 1000  # to microseconds first, as datetime
-    if milliseconds == 1000:
-        whole += 1
-        milliseconds = 0
-    return f"{utc_second(whole)}.{milliseconds:03d}Z"
-
-
-@functools.lru_cache(maxsize=4)
-def utc_second(whole_seconds):
-    """2026-11-26T12:00:00, worked out once a second, not once a line."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole_seconds))
-
-
 def log_fields(payment):
     """The fields of a payment's `payment` log line: what Loki filters on, and the ids that
     lead to its trace."""
@@ -1298,8 +1255,11 @@ def json_log_line(payment, now):
 
 
 def payment_answer(payment):
-    """(status, JSON body, headers) of the answer to POST /api/payments."""
-    headers = {"traceparent": payment.trace.traceparent}
+    """(status, JSON body, headers) of the answer to POST /api/payments. Its traceparent header
+    names the payment's span: the client's trace goes on from there."""
+    trace = payment.trace
+    flags = "01" if trace.sampled else "00"
+    headers = {"traceparent": f"00-{trace.trace_id}-{trace.span_id}-{flags}"}
     return payment.http_status, payment_json(payment), headers
 
 
@@ -1334,6 +1294,23 @@ def refund_json(refund):
     return {"refundId": refund.refund_id, "paymentId": refund.payment_id,
             "amount": float(refund.amount), "currency": refund.currency, "status": "succeeded",
             "source": refund.source, "timestamp": iso_utc(refund.created_at)}
+
+
+def iso_utc(epoch_seconds):
+    """2026-11-26T12:00:00.118Z: what datetime's isoformat gives in milliseconds, in a fraction
+    of the time (every log line and every answer has one)."""
+    fraction, whole = math.modf(epoch_seconds)
+    milliseconds = round(fraction * 1_000_000) // 1000  # to microseconds first, as datetime
+    if milliseconds == 1000:
+        whole += 1
+        milliseconds = 0
+    return f"{utc_second(whole)}.{milliseconds:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def utc_second(whole_seconds):
+    """2026-11-26T12:00:00, worked out once a second, not once a line."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole_seconds))
 
 
 def routes_by_plain_path(routes):
@@ -1777,6 +1754,24 @@ def profile_factor(profile, elapsed, period, utc=None, seed=None):
             return BURST_FACTOR
         return (BURST_EVERY - BURST_FACTOR * BURST_LENGTH) / (BURST_EVERY - BURST_LENGTH)
     return 1.0
+
+
+class WeightedChoice(NamedTuple):
+    """A population and its weights added up once: pick() draws from it."""
+    population: tuple
+    cumulative_weights: tuple
+
+
+def weighted(population, weights):
+    return WeightedChoice(tuple(population), tuple(itertools.accumulate(weights)))
+
+
+def pick(rng, choice):
+    """One weighted pick: what rng.choices(population, weights)[0] draws, from the same random
+    number, without adding up the weights again at every draw."""
+    position = rng.random() * choice.cumulative_weights[-1]
+    last = len(choice.population) - 1
+    return choice.population[bisect.bisect(choice.cumulative_weights, position, 0, last)]
 
 
 TYPE_CHOICE = weighted(PAYMENT_TYPES, TYPE_WEIGHTS)

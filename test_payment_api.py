@@ -987,7 +987,7 @@ def test_a_trace_the_client_does_not_record_gets_no_exemplar(app):
 
 
 def test_pick_draws_what_rng_choices_draws_so_a_seeded_simulation_is_unchanged():
-    tables = [(payment_api.DECLINE_CODES, list(payment_api.DECLINE_WEIGHTS.values())),
+    tables = [(payment_api.PAYMENT_METHODS, payment_api.METHOD_WEIGHTS),
               (payment_api.PAYMENT_TYPES, payment_api.TYPE_WEIGHTS),
               (payment_api.AMOUNT_BANDS, [band[0] for band in payment_api.AMOUNT_BANDS]),
               (("EUR", "USD", "GBP", "JPY"), [50, 30, 20, 10])]
