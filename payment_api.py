@@ -1827,6 +1827,7 @@ class Simulator:
         self._in_flight = []  # heap of (completes_at, sequence, payment)
         self._refunds_due = []  # heap of (due_at, sequence, payment id, amount or None for all)
         self._sequence = 0
+        self.fell_behind = False  # said once in the log
         self._started_at = clock()
         self.config = {}
         self.configure(enabled=settings.simulation_enabled and settings.simulation_rate > 0,
@@ -1866,7 +1867,7 @@ class Simulator:
             if self._next_arrival is None and rate > 0:
                 self._next_arrival = now + self._rng.expovariate(rate)
             elif self._next_arrival is not None and self._next_arrival < now - MAX_LAG_SECONDS:
-                self._next_arrival = now - MAX_LAG_SECONDS  # an overloaded machine skips some
+                self._fall_behind(now, rate)
             while self._next_arrival is not None and self._next_arrival <= now:
                 self._begin_payment(self._next_arrival, effects)
                 rate = self.current_rate(self._next_arrival, effects)
@@ -1878,6 +1879,17 @@ class Simulator:
             self._refund_until(now)
             next_completion = self._in_flight[0][0] if self._in_flight else math.inf
             return min(now + 0.5, self._next_arrival or math.inf, next_completion)
+
+    def _fall_behind(self, now, rate):
+        """A machine too slow for the rate skips the payments due over MAX_LAG_SECONDS ago, and
+        says so once."""
+        if not self.fell_behind:
+            skipped = now - MAX_LAG_SECONDS - self._next_arrival
+            fields = {"rate": round(rate, 1), "skipped_seconds": round(skipped, 3)}
+            log.warning("simulator cannot keep up: late payments are skipped",
+                        extra={"fields": fields})
+            self.fell_behind = True
+        self._next_arrival = now - MAX_LAG_SECONDS
 
     def _begin_payment(self, arrival, effects):
         request = draw_request(self._rng, self.settings.currencies)

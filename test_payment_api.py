@@ -535,6 +535,24 @@ def test_simulated_arrivals_match_the_rate_within_poisson_noise():
     assert abs(app.stats.snapshot()["totals"]["payments"] - expected) < 4 * expected ** 0.5
 
 
+def test_a_simulator_too_far_behind_skips_late_payments_and_says_so_once(caplog):
+    caplog.set_level("INFO", logger="payment_api")
+    clock = FakeClock()
+    settings = payment_api.dataclasses.replace(payment_api.Settings(), simulation_rate=100, latency_scale=0,
+                                               influxdb_url="", simulation_seed=1, log_payments=False)
+    app = payment_api.PaymentApp(settings, monotonic=clock)
+    app.simulator.tick(clock.advance(1.0))
+    for _ in range(2):  # two stalls of 20 s, as a machine that cannot keep up
+        before = app.stats.snapshot()["totals"]["payments"]
+        app.simulator.tick(clock.advance(20.0))
+        made = app.stats.snapshot()["totals"]["payments"] - before
+        # only the last MAX_LAG_SECONDS are made up: 500 payments, not 2,000
+        assert abs(made - 100 * payment_api.MAX_LAG_SECONDS) < 4 * 500 ** 0.5
+    said = [record for record in caplog.records if record.getMessage().startswith("simulator cannot keep up")]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert said[0].fields["rate"] == 100 and said[0].fields["skipped_seconds"] > 14
+
+
 def test_simulator_keeps_its_rate_in_real_time(make_app):
     app = make_app(simulation_enabled=True, simulation_rate=200, latency_scale=0)
     start = app.stats.snapshot()["totals"]["payments"]
