@@ -186,6 +186,14 @@ def test_runs_as_uid_10001(container):
     assert "python" in podman("exec", name, "cat", "/proc/1/cmdline").stdout
 
 
+def test_the_service_runs_from_bytecode_compiled_when_the_image_was_built(container):
+    name, _ = container
+    cmdline = podman("exec", name, "cat", "/proc/1/cmdline").stdout.split("\0")
+    assert cmdline[1:3] == ["-m", "payment_api"], cmdline
+    cached = podman("exec", name, "ls", f"{APP_DIR}/__pycache__").stdout.split()
+    assert any(file.startswith("payment_api.") and file.endswith(".pyc") for file in cached), cached
+
+
 def test_answers_health_on_the_loopback_port_it_is_published_on(container):
     name, url = container
     assert podman("port", name, "8080/tcp").stdout.split() == [url.removeprefix("http://")]
