@@ -873,7 +873,9 @@ class PaymentStats:
         self._daily_revenue = {}
         # second -> [completed, failed, declined], for the last ACTIVITY_SECONDS
         self._recent = {}
-        self._recent_times = deque(maxlen=self.RECENT_TIMES)  # (completed at, processing time)
+        # completion times and processing times, side by side (no tuple a payment)
+        self._recent_ends = deque(maxlen=self.RECENT_TIMES)
+        self._recent_times = deque(maxlen=self.RECENT_TIMES)
         self.active = 0
 
     def record_start(self):
@@ -897,7 +899,8 @@ class PaymentStats:
             counts[0] += 1
             counts[1] += payment.status == "failed"
             counts[2] += payment.status == "declined"
-            self._recent_times.append((payment.completed_at, payment.processing_time))
+            self._recent_ends.append(payment.completed_at)
+            self._recent_times.append(payment.processing_time)
 
     def _forget_before(self, oldest_second):
         for second in [second for second in self._recent if second <= oldest_second]:
@@ -2906,12 +2909,12 @@ class ActivityStats(PaymentStats):
         minute."""
         with self._lock:
             now = self._clock()
-            recent_times = list(self._recent_times)
+            recent = list(zip(self._recent_ends, self._recent_times))
             first = int(now) - seconds + 1
             counts = [(second, self._recent.get(second, (0, 0, 0)))
                       for second in range(first, int(now) + 1)]
         since = now - self.WINDOW_SECONDS
-        times = sorted(time for completed_at, time in recent_times if completed_at > since)
+        times = sorted(time for completed_at, time in recent if completed_at > since)
         p95 = times[min(int(0.95 * len(times)), len(times) - 1)] if times else None
         seconds_json = [{"time": iso_utc(second), "payments": count[0], "declined": count[2],
                          "failed": count[1]} for second, count in counts]
