@@ -30,6 +30,7 @@ subclass or a small hook, so Part I reads without it.
 import argparse
 import base64
 import email.parser
+import email.utils
 import dataclasses
 import errno
 import functools
@@ -1372,6 +1373,9 @@ class PaymentHandler(BaseHTTPRequestHandler):
             fields["trace_id"] = self.trace.trace_id
         log.log(level, "request", extra={"fields": fields})
 
+    def log_request(self, code="-", size="-"):
+        pass  # dispatch() writes the access log
+
     def log_message(self, format, *args):
         pass  # dispatch() writes the access log
 
@@ -2527,6 +2531,20 @@ class PlainRequestHeads:
         return True
 
 
+class DateOncePerSecond:
+    """A handler mixin: every answer's Date header is formatted once a second, not each time."""
+
+    def date_time_string(self, timestamp=None):
+        if timestamp is None:
+            return http_date(int(time.time()))
+        return super().date_time_string(timestamp)
+
+
+@functools.lru_cache(maxsize=2)
+def http_date(second):
+    return email.utils.formatdate(second, usegmt=True)
+
+
 # ---------------------------------------------------------------- idempotency keys
 
 
@@ -3159,8 +3177,8 @@ class CheckEndpoints:
         return body.decode("utf-8", errors="replace")  # as exercises.py reads a file
 
 
-class GuardedHandler(ConnectionGuards, PlainRequestHeads, ListingEndpoints, ControlEndpoints,
-                     CheckEndpoints, PaymentHandler):
+class GuardedHandler(ConnectionGuards, PlainRequestHeads, DateOncePerSecond, ListingEndpoints,
+                     ControlEndpoints, CheckEndpoints, PaymentHandler):
     """The handler the service runs: Part I's PaymentHandler with the guards and endpoints of
     Part II attached."""
 
