@@ -1865,7 +1865,7 @@ class PaymentApp:
     def start(self):
         # a PaymentServer with the connection guards of Part II
         self.server = GuardedServer((self.settings.host, self.settings.port), self)
-        self._server_thread = threading.Thread(target=self.server.serve_forever, args=(0.1,),
+        self._server_thread = threading.Thread(target=self.server.serve_forever,
                                                name="http-server")
         self._server_thread.start()
         self.simulator.start()
@@ -2231,9 +2231,27 @@ class GuardedServer(PaymentServer):
         self._starving_said = False  # ... and the log said so (at most once a minute)
         self._starving_said_at = -math.inf
         self._stop_event = threading.Event()
+        self._serving_ended = threading.Event()
         self.overflow = None  # until the port is bound
         super().__init__(address, app, GuardedHandler)
+        self._wake_reader, self._wake_writer = socket.socketpair()  # a stop wakes serve_forever
         self.overflow = Overflow(self, overflow_places)
+
+    def serve_forever(self):
+        """Accept connections until shutdown(). The stdlib's loop wakes every poll_interval to
+        see whether to stop; this one sleeps until a connection arrives or a stop wakes it."""
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_reader, selectors.EVENT_READ)
+                while not self._stop_event.is_set():
+                    ready = selector.select()
+                    if self._stop_event.is_set():
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self._handle_request_noblock()
+        finally:
+            self._serving_ended.set()
 
     def get_request(self):
         try:
@@ -2313,13 +2331,17 @@ class GuardedServer(PaymentServer):
             log.exception("connection failed", extra={"fields": {"client": client_address[0]}})
 
     def shutdown(self):
+        """Stop serve_forever() and wait until it has returned."""
         self._stop_event.set()
-        super().shutdown()
+        self._wake_writer.send(b"\0")
+        self._serving_ended.wait()
 
     def server_close(self):
         if self.overflow is not None:
             self.overflow.stop()
         super().server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
     def shutdown_connections(self, how):
         """SHUT_RD ends idle keep-alive connections while answers in progress still go out;
@@ -2370,7 +2392,7 @@ class Overflow:
 
     def _run(self):
         while not self._stop_event.is_set():
-            for key, _ in self._selector.select(timeout=0.5):
+            for key, _ in self._selector.select(timeout=self._until_first_deadline()):
                 if key.fileobj is self._wake_reader:
                     self._take_arrivals()
                 else:
@@ -2380,6 +2402,14 @@ class Overflow:
                     if deadline < now]
             for connection in late:
                 self._close(connection)
+
+    def _until_first_deadline(self):
+        """Seconds until the oldest waiting head is late (deadlines come in arrival order), or
+        None: with no connection waiting, the thread sleeps until one arrives."""
+        if not self._waiting:
+            return None
+        _, deadline, _ = next(iter(self._waiting.values()))
+        return max(deadline - time.monotonic(), 0)
 
     def _take_arrivals(self):
         self._wake_reader.recv(4096)
