@@ -52,6 +52,7 @@ import select
 import selectors
 import signal
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -2236,6 +2237,12 @@ class GuardedServer(PaymentServer):
         super().__init__(address, app, GuardedHandler)
         self._wake_reader, self._wake_writer = socket.socketpair()  # a stop wakes serve_forever
         self.overflow = Overflow(self, overflow_places)
+
+    def server_bind(self):
+        """HTTPServer's bind, without the reverse DNS lookup of its address (socket.getfqdn)
+        that start-up would wait for: nothing here reads server_name."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
     def serve_forever(self):
         """Accept connections until shutdown(). The stdlib's loop wakes every poll_interval to
