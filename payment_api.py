@@ -27,7 +27,6 @@ keys, the exporter's states and stop, listing and the console's activity, studen
 (exercises.py), and start-up plumbing. Each piece attaches to Part I as a
 subclass or a small hook, so Part I reads without it.
 """
-import argparse
 import base64
 import email.parser
 import email.utils
@@ -3309,7 +3308,7 @@ def parse_schedule(text):
 def read_settings(settings_class, argv, environ):
     """Settings.load: CLI flags, then environment variables, then defaults."""
     specs = [spec for spec in dataclasses.fields(settings_class) if "env" in spec.metadata]
-    flags = vars(settings_parser(specs).parse_args(argv))
+    flags = vars(settings_parser(specs).parse_args(argv)) if argv else {}  # no flags: no parser
     values = {}
     warnings = []
     for spec in specs:
@@ -3335,6 +3334,7 @@ def read_settings(settings_class, argv, environ):
 
 def settings_parser(specs):
     """The --help of the service: a flag for each setting that is no secret."""
+    import argparse  # only when flags are given: a start with none need not load it
     secrets_only = [spec.metadata["env"] for spec in specs if not spec.repr]
     test_cards = ", ".join(f"{number} ({code})" for number, code in TEST_CARDS.items())
     epilog = (f"{' and '.join(secrets_only)} are read from the environment only, never from a "
