@@ -28,9 +28,9 @@ keys, the exporter's states and stop, listing and the console's activity, studen
 subclass or a small hook, so Part I reads without it.
 """
 import base64
+import dataclasses
 import email.parser
 import email.utils
-import dataclasses
 import errno
 import functools
 import gzip
