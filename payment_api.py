@@ -27,16 +27,18 @@ keys, the exporter's states and stop, listing and the console's activity, studen
 (exercises.py), and start-up plumbing. Each piece attaches to Part I as a
 subclass or a small hook, so Part I reads without it.
 """
-import argparse
 import base64
 import bisect
 import dataclasses
+import email.parser
+import email.utils
 import errno
 import functools
 import gzip
 import hashlib
 import heapq
 import hmac
+import http.client
 import io
 import itertools
 import ipaddress
@@ -51,6 +53,7 @@ import select
 import selectors
 import signal
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -58,6 +61,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 from urllib.parse import parse_qs, urlsplit
@@ -1442,6 +1446,9 @@ class PaymentHandler(BaseHTTPRequestHandler):
             fields["trace_id"] = self.trace.trace_id
         log.log(level, "request", extra={"fields": fields})
 
+    def log_request(self, code="-", size="-"):
+        pass  # dispatch() writes the access log
+
     def log_message(self, format, *args):
         pass  # dispatch() writes the access log
 
@@ -1976,7 +1983,7 @@ class PaymentApp:
     def start(self):
         # a PaymentServer with the connection guards of Part II
         self.server = GuardedServer((self.settings.host, self.settings.port), self)
-        self._server_thread = threading.Thread(target=self.server.serve_forever, args=(0.1,),
+        self._server_thread = threading.Thread(target=self.server.serve_forever,
                                                name="http-server")
         self._server_thread.start()
         self.simulator.start()
@@ -2342,9 +2349,33 @@ class GuardedServer(PaymentServer):
         self._starving_said = False  # ... and the log said so (at most once a minute)
         self._starving_said_at = -math.inf
         self._stop_event = threading.Event()
+        self._serving_ended = threading.Event()
         self.overflow = None  # until the port is bound
         super().__init__(address, app, GuardedHandler)
+        self._wake_reader, self._wake_writer = socket.socketpair()  # a stop wakes serve_forever
         self.overflow = Overflow(self, overflow_places)
+
+    def server_bind(self):
+        """HTTPServer's bind, without the reverse DNS lookup of its address (socket.getfqdn)
+        that start-up would wait for: nothing here reads server_name."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def serve_forever(self):
+        """Accept connections until shutdown(). The stdlib's loop wakes every poll_interval to
+        see whether to stop; this one sleeps until a connection arrives or a stop wakes it."""
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_reader, selectors.EVENT_READ)
+                while not self._stop_event.is_set():
+                    ready = selector.select()
+                    if self._stop_event.is_set():
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self._handle_request_noblock()
+        finally:
+            self._serving_ended.set()
 
     def get_request(self):
         try:
@@ -2424,13 +2455,17 @@ class GuardedServer(PaymentServer):
             log.exception("connection failed", extra={"fields": {"client": client_address[0]}})
 
     def shutdown(self):
+        """Stop serve_forever() and wait until it has returned."""
         self._stop_event.set()
-        super().shutdown()
+        self._wake_writer.send(b"\0")
+        self._serving_ended.wait()
 
     def server_close(self):
         if self.overflow is not None:
             self.overflow.stop()
         super().server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
     def shutdown_connections(self, how):
         """SHUT_RD ends idle keep-alive connections while answers in progress still go out;
@@ -2481,7 +2516,7 @@ class Overflow:
 
     def _run(self):
         while not self._stop_event.is_set():
-            for key, _ in self._selector.select(timeout=0.5):
+            for key, _ in self._selector.select(timeout=self._until_first_deadline()):
                 if key.fileobj is self._wake_reader:
                     self._take_arrivals()
                 else:
@@ -2491,6 +2526,14 @@ class Overflow:
                     if deadline < now]
             for connection in late:
                 self._close(connection)
+
+    def _until_first_deadline(self):
+        """Seconds until the oldest waiting head is late (deadlines come in arrival order), or
+        None: with no connection waiting, the thread sleeps until one arrives."""
+        if not self._waiting:
+            return None
+        _, deadline, _ = next(iter(self._waiting.values()))
+        return max(deadline - time.monotonic(), 0)
 
     def _take_arrivals(self):
         self._wake_reader.recv(4096)
@@ -2555,6 +2598,105 @@ class Overflow:
         self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
+
+
+# ---------------------------------------------------------------- plain request heads
+# http.server parses every request's headers with the email package: the largest cost of a small
+# request such as a scrape of /health. A head of plain ASCII lines means the same to a split on the
+# first colon, so such a head is split here; anything else takes the stdlib's own way.
+
+
+PLAIN_REQUEST_LINE = re.compile(  # a path starting with // is one the stdlib rewrites
+    rb"(?P<command>[!-~]+) (?P<path>(?!//)[!-~]+) HTTP/1\.(?P<minor>[01])\r\n")
+PLAIN_HEADER_LINE = re.compile(  # a token, a colon, visible ASCII, spaces and tabs
+    rb"(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(?P<value>[\t -~]*)\r\n")
+MAX_HEADER_LINE = 65536  # http.client's limits, as the stdlib applies them to every head
+MAX_HEADER_LINES = 100
+NESTED_BODIES = ("multipart", "message")  # types whose body the email package parses too
+
+
+class PlainRequestHeads:
+    """A handler mixin: the stdlib's parse_request, with plain heads split without the email
+    package into the very HTTPMessage it would build; the guards check the result as before."""
+
+    def parse_request(self):
+        line = PLAIN_REQUEST_LINE.fullmatch(self.raw_requestline)
+        if line is None:  # HTTP/0.9 or 2, spaces, tabs, bytes beyond ASCII: the stdlib decides
+            return super().parse_request()
+        self.requestline = self.raw_requestline[:-2].decode("ascii")
+        self.command = line["command"].decode("ascii")
+        self.path = line["path"].decode("ascii")
+        self.request_version = "HTTP/1." + line["minor"].decode("ascii")
+        self.close_connection = not (line["minor"] == b"1"
+                                     and self.protocol_version >= "HTTP/1.1")
+        try:
+            self.headers = self.read_headers()
+        except http.client.LineTooLong as error:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Line too long",
+                            str(error))
+            return False
+        except http.client.HTTPException as error:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers",
+                            str(error))
+            return False
+        return self.read_connection_headers()
+
+    def read_headers(self):
+        """http.client.parse_headers: the same limits, the same message."""
+        lines = []
+        while not lines or lines[-1] not in (b"\r\n", b"\n", b""):
+            lines.append(self.rfile.readline(MAX_HEADER_LINE + 1))
+            if len(lines[-1]) > MAX_HEADER_LINE:
+                raise http.client.LineTooLong("header line")
+            if len(lines) > MAX_HEADER_LINES:
+                raise http.client.HTTPException(f"got more than {MAX_HEADER_LINES} headers")
+        message = self.plain_headers(lines)
+        if message is None:
+            head = b"".join(lines).decode("iso-8859-1")
+            message = email.parser.Parser(_class=self.MessageClass).parsestr(head)
+        return message
+
+    def plain_headers(self, lines):
+        """The message the email package makes of these lines, or None unless they are plain."""
+        if lines[-1] != b"\r\n":
+            return None
+        message = self.MessageClass()
+        for line in lines[:-1]:
+            header = PLAIN_HEADER_LINE.fullmatch(line)
+            if header is None:
+                return None
+            message.set_raw(header["name"].decode("ascii"), header["value"].decode("ascii"))
+        message.set_payload("")
+        if "Content-Type" in message and message.get_content_maintype() in NESTED_BODIES:
+            return None
+        return message
+
+    def read_connection_headers(self):
+        """The end of the stdlib's parse_request: Connection, then Expect."""
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive" and self.protocol_version >= "HTTP/1.1":
+            self.close_connection = False
+        expect = self.headers.get("Expect", "").lower()
+        if (expect == "100-continue" and self.protocol_version >= "HTTP/1.1"
+                and self.request_version >= "HTTP/1.1" and not self.handle_expect_100()):
+            return False
+        return True
+
+
+class DateOncePerSecond:
+    """A handler mixin: every answer's Date header is formatted once a second, not each time."""
+
+    def date_time_string(self, timestamp=None):
+        if timestamp is None:
+            return http_date(int(time.time()))
+        return super().date_time_string(timestamp)
+
+
+@functools.lru_cache(maxsize=2)
+def http_date(second):
+    return email.utils.formatdate(second, usegmt=True)
 
 
 # ---------------------------------------------------------------- idempotency keys
@@ -3189,8 +3331,8 @@ class CheckEndpoints:
         return body.decode("utf-8", errors="replace")  # as exercises.py reads a file
 
 
-class GuardedHandler(ConnectionGuards, ListingEndpoints, ControlEndpoints, CheckEndpoints,
-                     PaymentHandler):
+class GuardedHandler(ConnectionGuards, PlainRequestHeads, DateOncePerSecond, ListingEndpoints,
+                     ControlEndpoints, CheckEndpoints, PaymentHandler):
     """The handler the service runs: Part I's PaymentHandler with the guards and endpoints of
     Part II attached."""
 
@@ -3284,7 +3426,7 @@ def parse_schedule(text):
 def read_settings(settings_class, argv, environ):
     """Settings.load: CLI flags, then environment variables, then defaults."""
     specs = [spec for spec in dataclasses.fields(settings_class) if "env" in spec.metadata]
-    flags = vars(settings_parser(specs).parse_args(argv))
+    flags = vars(settings_parser(specs).parse_args(argv)) if argv else {}  # no flags: no parser
     values = {}
     warnings = []
     for spec in specs:
@@ -3310,6 +3452,7 @@ def read_settings(settings_class, argv, environ):
 
 def settings_parser(specs):
     """The --help of the service: a flag for each setting that is no secret."""
+    import argparse  # only when flags are given: a start with none need not load it
     secrets_only = [spec.metadata["env"] for spec in specs if not spec.repr]
     test_cards = ", ".join(f"{number} ({code})" for number, code in TEST_CARDS.items())
     epilog = (f"{' and '.join(secrets_only)} are read from the environment only, never from a "

@@ -2,6 +2,7 @@
 running out of file descriptors, odd input. Real sockets against real apps on port 0, loopback only,
 every loop bounded in count and time.
 """
+import io
 import logging
 import os
 import resource
@@ -68,6 +69,67 @@ def test_ambiguous_body_framing_is_a_400_that_closes_and_smuggles_no_payment(app
     assert b"Connection: close" in reply
     assert payments_counted(app) == 0
     assert app.stats.snapshot()["totals"]["payments"] == 0
+
+
+class HeadOnly(payment_api.BaseHTTPRequestHandler):
+    """A handler that only parses a request's head, as the service's handlers do."""
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"
+
+    def __init__(self, head):
+        self.rfile = io.BufferedReader(io.BytesIO(head))
+        self.raw_requestline = self.rfile.readline(65537)
+        self.answered = []
+
+    def send_error(self, code, message=None, explain=None):
+        self.answered.append((int(code), message, explain))
+
+    def handle_expect_100(self):
+        self.answered.append(100)
+        return True
+
+    def parsed(self):
+        ok = self.parse_request()
+        return (ok, self.command, getattr(self, "path", None), self.request_version, self.close_connection,
+                getattr(self, "requestline", None), self.answered, self.rfile.read(),
+                described(getattr(self, "headers", None)))
+
+
+def described(message):
+    """A message as plain values, its nested messages too."""
+    if message is None or isinstance(message, str):
+        return message
+    return (type(message), message.items(), [type(defect) for defect in message.defects], message.get_unixfrom(),
+            [described(part) for part in message.get_payload()] if message.is_multipart() else message.get_payload())
+
+
+class PlainHeadOnly(payment_api.PlainRequestHeads, HeadOnly):
+    pass
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /health HTTP/1.0\r\nHost: x\r\nConnection: Keep-Alive\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\nrest",
+    b"POST /api/payments HTTP/1.1\r\nContent-Length: 14\r\nContent-Length: 105\r\n\r\n",
+    b"POST /api/payments HTTP/1.1\r\nX Bad: 1\r\nContent-Length: 14\r\n\r\n",
+    b"POST /api/payments HTTP/1.1\r\nX: a\r\n folded\r\nContent-Length: 14\r\n\r\n",
+    b"POST /api/payments HTTP/1.1\r\nExpect: 100-continue\r\nX:\t padded \t\r\nEmpty:\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nContent-Type: message/rfc822\r\n\r\nA: b\r\n",
+    b"GET /x HTTP/1.1\r\nA: \x85b\r\nB: c\rd\r\nC: \x0be\r\n\r\n",
+    b"GET /x HTTP/1.1\r\n: no name\r\nFrom x\r\n\r\n",
+    b"GET /x HTTP/1.1\nA: b\n\n",
+    b"GET /x HTTP/1.1\r\nA: b\r\n",
+    b"GET //x HTTP/1.1\r\n\r\n",
+    b"GET /x HTTP/2.0\r\n\r\n",
+    b"GET /x\r\n\r\n",
+    b"GET  /x HTTP/1.1\r\n\r\n",
+    b"GET /x HTTP/1.1\r\n" + b"A: b\r\n" * 100 + b"\r\n",
+    b"GET /x HTTP/1.1\r\nA: " + b"b" * 70000 + b"\r\n\r\n",
+], ids=lambda head: repr(head[:40]))
+def test_a_head_split_without_the_email_package_is_the_one_the_stdlib_parses(head):
+    assert PlainHeadOnly(head).parsed() == HeadOnly(head).parsed()
 
 # ---------------------------------------------------------------- deadlines
 
