@@ -1320,6 +1320,12 @@ def utc_second(whole_seconds):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole_seconds))
 
 
+@functools.lru_cache(maxsize=2)
+def http_date(whole_seconds):
+    """Sat, 05 Dec 2026 21:00:00 GMT: an HTTP Date header."""
+    return email.utils.formatdate(whole_seconds, usegmt=True)
+
+
 def routes_by_plain_path(routes):
     """{path: [(route, match)]} for the routes without path parameters, so most requests are
     found without trying every pattern; /api/scenarios/history is never taken for a name."""
@@ -1428,6 +1434,12 @@ class PaymentHandler(BaseHTTPRequestHandler):
             self.wfile.flush()  # the answer leaves before the request counts as done
         except OSError:  # the client hung up or reads too slowly: what it asked for is done
             self.close_connection = True
+
+    def date_time_string(self, timestamp=None):
+        """The Date header of every answer, formatted once a second, not once an answer."""
+        if timestamp is None:
+            return http_date(int(time.time()))
+        return super().date_time_string(timestamp)
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself (a bad request line, headers too long) are JSON."""
@@ -2050,8 +2062,6 @@ def main(argv=None):
 # What keeps the course path safe and fast. Nothing above needs it to be read; each piece
 # attaches to Part I as a subclass, a mixin or a small hook.
 # ---------------------------------------------------------------- connection guards
-
-
 HEADER_SECONDS = 10  # request line and headers must arrive within this, however they trickle
 BODY_SECONDS = 10  # a body gets this long, plus one second for every BODY_BYTES_PER_SECOND
 BODY_BYTES_PER_SECOND = 16 * 1024
@@ -2123,95 +2133,6 @@ class RequestsInProgress:
         """True when none is left within `timeout` seconds."""
         with self._none_left:
             return self._none_left.wait_for(lambda: self._count == 0, timeout)
-
-
-class TooManyRequests(ClientError):
-    status = 429
-
-    def __init__(self, client, share):
-        super().__init__(f"too many requests in progress from {client} (at most {share} at "
-                         "once); retry in a second")
-        self.headers["Retry-After"] = "1"
-
-
-NEVER_REFUSED = ("/health", "/metrics")  # however busy a client: Prometheus keeps scraping
-
-
-def client_of(peer, headers, trusted_proxies):
-    """Who sent a request: the peer, or behind a trusted proxy the last address that
-    X-Forwarded-For names before the proxies."""
-    if not trusted_proxies or not is_trusted(peer, trusted_proxies):
-        return peer
-    hops = ",".join(headers.get_all("X-Forwarded-For", [])).split(",")
-    for hop in reversed(hops):
-        if hop.strip() and not is_trusted(hop.strip(), trusted_proxies):
-            return hop.strip()[:64]
-    return peer
-
-
-def is_trusted(address, trusted_proxies):
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(parsed in network for network in trusted_proxies)
-
-
-class Forbidden(ClientError):
-    status = 403
-
-
-CHANGES = ("POST", "PUT", "DELETE", "PATCH")
-
-
-# what a change may send, by path: JSON of at most MAX_BODY_BYTES, except a document to check (a
-# dashboard's export is often 50-300 KB), which for a rule file may also be YAML
-MAX_CHECK_BODY_BYTES = 1024 * 1024  # what the compose stack's gateway lets through
-RULE_FILE_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml",
-                   "application/json")
-JSON_BODY = (MAX_BODY_BYTES, ("application/json",))  # (most bytes, Content-Types)
-BODIES = {"/api/checks/alerts": (MAX_CHECK_BODY_BYTES, RULE_FILE_TYPES),
-          "/api/checks/dashboard": (MAX_CHECK_BODY_BYTES, ("application/json",))}
-
-
-def cross_site_error(method, headers, allowed_origins, path=""):
-    """Why a web page on another site may not make this change, or None. A browser names the
-    page's origin on every POST; a form can send only types other than JSON (and YAML), and a
-    script of another site needs a CORS preflight for them, which this service never grants."""
-    if method not in CHANGES:
-        return None
-    origin = headers.get("Origin")
-    host = headers.get("Host", "").lower()
-    own = (f"http://{host}", f"https://{host}", *allowed_origins)
-    if origin is not None and origin.lower().rstrip("/") not in own:
-        return Forbidden(f"a page from {origin[:ECHO_LIMIT]} may not change this service; "
-                         "ALLOWED_ORIGINS lists the sites that may")
-    content_type = headers.get("Content-Type")
-    _, types = BODIES.get(path, JSON_BODY)
-    if content_type is not None and media_type(content_type) not in types:
-        return UnsupportedMediaType("Content-Type must be " + " or ".join(types))
-    return None
-
-
-def media_type(content_type):
-    return content_type.split(";")[0].strip().lower()
-
-
-class AmbiguousFraming(MalformedBody):
-    closes_connection = True
-
-
-def framing_error(headers):
-    """Why the body's end is not known for sure, or None: anything but one way to tell could
-    smuggle a second request in the body."""
-    lengths = headers.get_all("Content-Length", [])
-    if len(lengths) > 1:
-        return AmbiguousFraming("more than one Content-Length header")
-    if lengths and "Transfer-Encoding" in headers:
-        return AmbiguousFraming("Content-Length and Transfer-Encoding together")
-    if headers.defects:  # a malformed header line hides every header after it
-        return AmbiguousFraming("a header line is malformed")
-    return None
 
 
 class ConnectionGuards:
@@ -2301,33 +2222,6 @@ class ConnectionGuards:
                             or any(length != "0" for length in lengths))
         self.send_client_error(error)
         self.log_access(urlsplit(self.path).path, time.monotonic())
-
-
-SPARE_DESCRIPTORS = 64  # files, InfluxDB and OTLP sockets, the log: besides the connections
-
-
-def fit_to_file_limit(wanted):
-    """(connections, overflow places): MAX_CONNECTIONS and the Overflow's CAPACITY, or fewer
-    when the open-file limit cannot hold them; the soft limit is raised first, up to the hard."""
-    import resource  # POSIX only, like the limit it reads
-    needed = wanted + Overflow.CAPACITY + SPARE_DESCRIPTORS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-            soft = raised
-        except (ValueError, OSError):  # macOS caps it below the hard limit: keep the soft one
-            pass
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return wanted, Overflow.CAPACITY
-    room = max(2, soft - SPARE_DESCRIPTORS)
-    connections = min(wanted, room // 2)
-    fields = {"MAX_CONNECTIONS": wanted, "open files allowed": soft,
-              "connections served": connections, "connections waiting": room - connections}
-    log.warning("MAX_CONNECTIONS lowered to fit the open-file limit (ulimit -n)",
-                extra={"fields": fields})
-    return connections, room - connections
 
 
 class GuardedServer(PaymentServer):
@@ -2477,6 +2371,206 @@ class GuardedServer(PaymentServer):
                 pass
 
 
+# http.server parses every request's headers with the email package: the largest cost of a small
+# request such as a scrape of /health. A head of plain ASCII lines means the same to a split on the
+# first colon, so such a head is split here; anything else takes the stdlib's own way.
+
+
+PLAIN_REQUEST_LINE = re.compile(  # a path starting with // is one the stdlib rewrites
+    rb"(?P<command>[!-~]+) (?P<path>(?!//)[!-~]+) HTTP/1\.(?P<minor>[01])\r\n")
+PLAIN_HEADER_LINE = re.compile(  # a token, a colon, visible ASCII, spaces and tabs
+    rb"(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(?P<value>[\t -~]*)\r\n")
+MAX_HEADER_LINE = 65536  # http.client's limits, as the stdlib applies them to every head
+MAX_HEADER_LINES = 100
+NESTED_BODIES = ("multipart", "message")  # types whose body the email package parses too
+
+
+class PlainRequestHeads:
+    """A handler mixin: the stdlib's parse_request, with plain heads split without the email
+    package into the very HTTPMessage it would build; the guards check the result as before."""
+
+    def parse_request(self):
+        line = PLAIN_REQUEST_LINE.fullmatch(self.raw_requestline)
+        if line is None:  # HTTP/0.9 or 2, spaces, tabs, bytes beyond ASCII: the stdlib decides
+            return super().parse_request()
+        self.requestline = self.raw_requestline[:-2].decode("ascii")
+        self.command = line["command"].decode("ascii")
+        self.path = line["path"].decode("ascii")
+        self.request_version = "HTTP/1." + line["minor"].decode("ascii")
+        self.close_connection = not (line["minor"] == b"1"
+                                     and self.protocol_version >= "HTTP/1.1")
+        try:
+            self.headers = self.read_headers()
+        except http.client.LineTooLong as error:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Line too long",
+                            str(error))
+            return False
+        except http.client.HTTPException as error:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers",
+                            str(error))
+            return False
+        return self.read_connection_headers()
+
+    def read_headers(self):
+        """http.client.parse_headers: the same limits, the same message."""
+        lines = []
+        while not lines or lines[-1] not in (b"\r\n", b"\n", b""):
+            lines.append(self.rfile.readline(MAX_HEADER_LINE + 1))
+            if len(lines[-1]) > MAX_HEADER_LINE:
+                raise http.client.LineTooLong("header line")
+            if len(lines) > MAX_HEADER_LINES:
+                raise http.client.HTTPException(f"got more than {MAX_HEADER_LINES} headers")
+        message = self.plain_headers(lines)
+        if message is None:
+            head = b"".join(lines).decode("iso-8859-1")
+            message = email.parser.Parser(_class=self.MessageClass).parsestr(head)
+        return message
+
+    def plain_headers(self, lines):
+        """The message the email package makes of these lines, or None unless they are plain."""
+        if lines[-1] != b"\r\n":
+            return None
+        message = self.MessageClass()
+        for line in lines[:-1]:
+            header = PLAIN_HEADER_LINE.fullmatch(line)
+            if header is None:
+                return None
+            message.set_raw(header["name"].decode("ascii"), header["value"].decode("ascii"))
+        message.set_payload("")
+        if "Content-Type" in message and message.get_content_maintype() in NESTED_BODIES:
+            return None
+        return message
+
+    def read_connection_headers(self):
+        """The end of the stdlib's parse_request: Connection, then Expect."""
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive" and self.protocol_version >= "HTTP/1.1":
+            self.close_connection = False
+        expect = self.headers.get("Expect", "").lower()
+        if (expect == "100-continue" and self.protocol_version >= "HTTP/1.1"
+                and self.request_version >= "HTTP/1.1" and not self.handle_expect_100()):
+            return False
+        return True
+
+
+class AmbiguousFraming(MalformedBody):
+    closes_connection = True
+
+
+def framing_error(headers):
+    """Why the body's end is not known for sure, or None: anything but one way to tell could
+    smuggle a second request in the body."""
+    lengths = headers.get_all("Content-Length", [])
+    if len(lengths) > 1:
+        return AmbiguousFraming("more than one Content-Length header")
+    if lengths and "Transfer-Encoding" in headers:
+        return AmbiguousFraming("Content-Length and Transfer-Encoding together")
+    if headers.defects:  # a malformed header line hides every header after it
+        return AmbiguousFraming("a header line is malformed")
+    return None
+
+
+class Forbidden(ClientError):
+    status = 403
+
+
+CHANGES = ("POST", "PUT", "DELETE", "PATCH")
+
+
+# what a change may send, by path: JSON of at most MAX_BODY_BYTES, except a document to check (a
+# dashboard's export is often 50-300 KB), which for a rule file may also be YAML
+MAX_CHECK_BODY_BYTES = 1024 * 1024  # what the compose stack's gateway lets through
+RULE_FILE_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml",
+                   "application/json")
+JSON_BODY = (MAX_BODY_BYTES, ("application/json",))  # (most bytes, Content-Types)
+BODIES = {"/api/checks/alerts": (MAX_CHECK_BODY_BYTES, RULE_FILE_TYPES),
+          "/api/checks/dashboard": (MAX_CHECK_BODY_BYTES, ("application/json",))}
+
+
+def cross_site_error(method, headers, allowed_origins, path=""):
+    """Why a web page on another site may not make this change, or None. A browser names the
+    page's origin on every POST; a form can send only types other than JSON (and YAML), and a
+    script of another site needs a CORS preflight for them, which this service never grants."""
+    if method not in CHANGES:
+        return None
+    origin = headers.get("Origin")
+    host = headers.get("Host", "").lower()
+    own = (f"http://{host}", f"https://{host}", *allowed_origins)
+    if origin is not None and origin.lower().rstrip("/") not in own:
+        return Forbidden(f"a page from {origin[:ECHO_LIMIT]} may not change this service; "
+                         "ALLOWED_ORIGINS lists the sites that may")
+    content_type = headers.get("Content-Type")
+    _, types = BODIES.get(path, JSON_BODY)
+    if content_type is not None and media_type(content_type) not in types:
+        return UnsupportedMediaType("Content-Type must be " + " or ".join(types))
+    return None
+
+
+def media_type(content_type):
+    return content_type.split(";")[0].strip().lower()
+
+
+def client_of(peer, headers, trusted_proxies):
+    """Who sent a request: the peer, or behind a trusted proxy the last address that
+    X-Forwarded-For names before the proxies."""
+    if not trusted_proxies or not is_trusted(peer, trusted_proxies):
+        return peer
+    hops = ",".join(headers.get_all("X-Forwarded-For", [])).split(",")
+    for hop in reversed(hops):
+        if hop.strip() and not is_trusted(hop.strip(), trusted_proxies):
+            return hop.strip()[:64]
+    return peer
+
+
+def is_trusted(address, trusted_proxies):
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(parsed in network for network in trusted_proxies)
+
+
+class TooManyRequests(ClientError):
+    status = 429
+
+    def __init__(self, client, share):
+        super().__init__(f"too many requests in progress from {client} (at most {share} at "
+                         "once); retry in a second")
+        self.headers["Retry-After"] = "1"
+
+
+NEVER_REFUSED = ("/health", "/metrics")  # however busy a client: Prometheus keeps scraping
+
+
+SPARE_DESCRIPTORS = 64  # files, InfluxDB and OTLP sockets, the log: besides the connections
+
+
+def fit_to_file_limit(wanted):
+    """(connections, overflow places): MAX_CONNECTIONS and the Overflow's CAPACITY, or fewer
+    when the open-file limit cannot hold them; the soft limit is raised first, up to the hard."""
+    import resource  # POSIX only, like the limit it reads
+    needed = wanted + Overflow.CAPACITY + SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):  # macOS caps it below the hard limit: keep the soft one
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted, Overflow.CAPACITY
+    room = max(2, soft - SPARE_DESCRIPTORS)
+    connections = min(wanted, room // 2)
+    fields = {"MAX_CONNECTIONS": wanted, "open files allowed": soft,
+              "connections served": connections, "connections waiting": room - connections}
+    log.warning("MAX_CONNECTIONS lowered to fit the open-file limit (ulimit -n)",
+                extra={"fields": fields})
+    return connections, room - connections
+
+
 class Overflow:
     """Connections beyond MAX_CONNECTIONS, held without a thread of their own.
 
@@ -2598,105 +2692,6 @@ class Overflow:
         self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
-
-
-# ---------------------------------------------------------------- plain request heads
-# http.server parses every request's headers with the email package: the largest cost of a small
-# request such as a scrape of /health. A head of plain ASCII lines means the same to a split on the
-# first colon, so such a head is split here; anything else takes the stdlib's own way.
-
-
-PLAIN_REQUEST_LINE = re.compile(  # a path starting with // is one the stdlib rewrites
-    rb"(?P<command>[!-~]+) (?P<path>(?!//)[!-~]+) HTTP/1\.(?P<minor>[01])\r\n")
-PLAIN_HEADER_LINE = re.compile(  # a token, a colon, visible ASCII, spaces and tabs
-    rb"(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(?P<value>[\t -~]*)\r\n")
-MAX_HEADER_LINE = 65536  # http.client's limits, as the stdlib applies them to every head
-MAX_HEADER_LINES = 100
-NESTED_BODIES = ("multipart", "message")  # types whose body the email package parses too
-
-
-class PlainRequestHeads:
-    """A handler mixin: the stdlib's parse_request, with plain heads split without the email
-    package into the very HTTPMessage it would build; the guards check the result as before."""
-
-    def parse_request(self):
-        line = PLAIN_REQUEST_LINE.fullmatch(self.raw_requestline)
-        if line is None:  # HTTP/0.9 or 2, spaces, tabs, bytes beyond ASCII: the stdlib decides
-            return super().parse_request()
-        self.requestline = self.raw_requestline[:-2].decode("ascii")
-        self.command = line["command"].decode("ascii")
-        self.path = line["path"].decode("ascii")
-        self.request_version = "HTTP/1." + line["minor"].decode("ascii")
-        self.close_connection = not (line["minor"] == b"1"
-                                     and self.protocol_version >= "HTTP/1.1")
-        try:
-            self.headers = self.read_headers()
-        except http.client.LineTooLong as error:
-            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Line too long",
-                            str(error))
-            return False
-        except http.client.HTTPException as error:
-            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers",
-                            str(error))
-            return False
-        return self.read_connection_headers()
-
-    def read_headers(self):
-        """http.client.parse_headers: the same limits, the same message."""
-        lines = []
-        while not lines or lines[-1] not in (b"\r\n", b"\n", b""):
-            lines.append(self.rfile.readline(MAX_HEADER_LINE + 1))
-            if len(lines[-1]) > MAX_HEADER_LINE:
-                raise http.client.LineTooLong("header line")
-            if len(lines) > MAX_HEADER_LINES:
-                raise http.client.HTTPException(f"got more than {MAX_HEADER_LINES} headers")
-        message = self.plain_headers(lines)
-        if message is None:
-            head = b"".join(lines).decode("iso-8859-1")
-            message = email.parser.Parser(_class=self.MessageClass).parsestr(head)
-        return message
-
-    def plain_headers(self, lines):
-        """The message the email package makes of these lines, or None unless they are plain."""
-        if lines[-1] != b"\r\n":
-            return None
-        message = self.MessageClass()
-        for line in lines[:-1]:
-            header = PLAIN_HEADER_LINE.fullmatch(line)
-            if header is None:
-                return None
-            message.set_raw(header["name"].decode("ascii"), header["value"].decode("ascii"))
-        message.set_payload("")
-        if "Content-Type" in message and message.get_content_maintype() in NESTED_BODIES:
-            return None
-        return message
-
-    def read_connection_headers(self):
-        """The end of the stdlib's parse_request: Connection, then Expect."""
-        connection = self.headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive" and self.protocol_version >= "HTTP/1.1":
-            self.close_connection = False
-        expect = self.headers.get("Expect", "").lower()
-        if (expect == "100-continue" and self.protocol_version >= "HTTP/1.1"
-                and self.request_version >= "HTTP/1.1" and not self.handle_expect_100()):
-            return False
-        return True
-
-
-class DateOncePerSecond:
-    """A handler mixin: every answer's Date header is formatted once a second, not each time."""
-
-    def date_time_string(self, timestamp=None):
-        if timestamp is None:
-            return http_date(int(time.time()))
-        return super().date_time_string(timestamp)
-
-
-@functools.lru_cache(maxsize=2)
-def http_date(second):
-    return email.utils.formatdate(second, usegmt=True)
 
 
 # ---------------------------------------------------------------- idempotency keys
@@ -3331,8 +3326,8 @@ class CheckEndpoints:
         return body.decode("utf-8", errors="replace")  # as exercises.py reads a file
 
 
-class GuardedHandler(ConnectionGuards, PlainRequestHeads, DateOncePerSecond, ListingEndpoints,
-                     ControlEndpoints, CheckEndpoints, PaymentHandler):
+class GuardedHandler(ConnectionGuards, PlainRequestHeads, ListingEndpoints, ControlEndpoints,
+                     CheckEndpoints, PaymentHandler):
     """The handler the service runs: Part I's PaymentHandler with the guards and endpoints of
     Part II attached."""
 

@@ -313,7 +313,9 @@ def test_a_stop_lets_a_body_still_arriving_finish(make_app):
     connection = socket.create_connection(app.server.server_address[:2], timeout=10)
     connection.sendall(b"POST /api/payments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
-    eventually(lambda: app.server.connections and not app.server.idle_connections,
+    # the head read and the request counted in progress (a connection is registered before its
+    # handler reads the head: waiting for the registration alone would stop too early)
+    eventually(lambda: app.in_progress._count == 1 and not app.server.idle_connections,
                message="the request's head read")
     stopper = threading.Thread(target=app.stop)
     stopper.start()
