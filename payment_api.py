@@ -18,8 +18,9 @@ How to read this file. Part I is the course path: one payment, in the order it t
 One payment: PaymentHandler.create_payment -> validate_payment -> PaymentProcessor.pay, which
 calls begin (outcome and processing time), waits, then finish: the store, tracer.record,
 PaymentMetrics.record_payment, PaymentStats.record, payment_line -> InfluxWriter.export and
-log_fields -> payment_answer -> the answer. A request with an Idempotency-Key runs the same pay
-inside IdempotencyKeys.answer_once (Part II), which remembers the answer for a retry.
+PaymentLog.write (the log line) -> payment_answer -> the answer. A request with an
+Idempotency-Key runs the same pay inside IdempotencyKeys.answer_once (Part II), which remembers
+the answer for a retry.
 
 Part II, the machinery, keeps the service safe and fast without changing that path: connection
 guards (deadlines, framing, fair shares, cross-site refusals, a cap with an overflow), idempotency
@@ -2062,6 +2063,8 @@ def main(argv=None):
 # What keeps the course path safe and fast. Nothing above needs it to be read; each piece
 # attaches to Part I as a subclass, a mixin or a small hook.
 # ---------------------------------------------------------------- connection guards
+
+
 HEADER_SECONDS = 10  # request line and headers must arrive within this, however they trickle
 BODY_SECONDS = 10  # a body gets this long, plus one second for every BODY_BYTES_PER_SECOND
 BODY_BYTES_PER_SECOND = 16 * 1024
