@@ -28,7 +28,6 @@ import argparse
 import bisect
 import contextlib
 import errno
-import functools
 import itertools
 import json
 import logging
@@ -55,9 +54,9 @@ from prometheus_client.utils import floatToGoString
 
 import payment_api
 from payment_api import AMOUNT_BUCKETS, DURATION_BUCKETS, OUTCOME_STATUSES, PAYMENT_TYPES
-from payment_api import (AMOUNT_BANDS, CURRENCY_WEIGHTS, CUSTOMER_IDS, CUSTOMER_POOL,
-                         METHOD_WEIGHTS, PAYMENT_METHODS, RETURNING_CUSTOMERS, RETURNING_SHARE,
-                         TYPE_WEIGHTS)
+from payment_api import (AMOUNT_BANDS, CUSTOMER_IDS, CUSTOMER_POOL, METHOD_WEIGHTS,
+                         PAYMENT_METHODS, RETURNING_CUSTOMERS, RETURNING_SHARE, TYPE_WEIGHTS,
+                         currency_choice, pick, weighted)
 
 # the name in messages and --help, however it is started: the command the docs teach
 PROG = "payment_api.py backfill"
@@ -376,36 +375,22 @@ def chunk_seconds(rate, step):
 # The simulator's tables in payment_api.py, in the shape the fastest draw wants. Type, amount band
 # and method are independent, so one weighted pick among their combinations, each weighing the
 # product of its three weights, draws all three: a history draws millions of requests. The
-# simulator draws the same mix with plain rng.choices, from other random numbers.
+# simulator draws the same mix a field at a time, from other random numbers.
 LOG_AMOUNT_BANDS = tuple((math.log(low), math.log(high / low))  # (log low, log width)
                          for _, low, high in AMOUNT_BANDS)
 REQUEST_SHAPES = tuple(itertools.product(PAYMENT_TYPES, LOG_AMOUNT_BANDS, PAYMENT_METHODS))
 BAND_SHARES = tuple(share for share, _, _ in AMOUNT_BANDS)
-SHAPE_CUMULATIVE = tuple(itertools.accumulate(
+SHAPE_CHOICE = weighted(REQUEST_SHAPES, (
     math.prod(weights)
     for weights in itertools.product(TYPE_WEIGHTS, BAND_SHARES, METHOD_WEIGHTS)))
-
-
-@functools.lru_cache(maxsize=8)
-def currency_weights(currencies):
-    """The cumulative weights of `currencies` (a tuple), as the simulator weighs them."""
-    weights = (CURRENCY_WEIGHTS.get(code, 10) for code in currencies)
-    return tuple(itertools.accumulate(weights))
-
-
-def pick(rng, population, cumulative_weights):
-    """One weighted pick: what rng.choices(population, cum_weights=...)[0] draws, without
-    building a list (a history of millions of payments spends most of its time here)."""
-    position = rng.random() * cumulative_weights[-1]
-    return population[bisect.bisect(cumulative_weights, position, 0, len(population) - 1)]
 
 
 def draw_request_fields(rng, currencies):
     """A request of the simulator's mix as a plain tuple (amount, currency, type, customer id,
     method), the amount a float rounded to cents: a frozen PaymentRequest with a Decimal would
     cost a fifth of a history's time."""
-    currency = pick(rng, currencies, currency_weights(currencies))
-    payment_type, (log_low, log_width), method = pick(rng, REQUEST_SHAPES, SHAPE_CUMULATIVE)
+    currency = pick(rng, currency_choice(currencies))
+    payment_type, (log_low, log_width), method = pick(rng, SHAPE_CHOICE)
     amount = round(math.exp(log_low + log_width * rng.random()), 2)
     pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
     customer_id = CUSTOMER_IDS[int(rng.random() * pool)]

@@ -1791,10 +1791,10 @@ def weighted(population, weights):
 
 def pick(rng, choice):
     """One weighted pick: what rng.choices(population, weights)[0] draws, from the same random
-    number, without adding up the weights again at every draw."""
-    position = rng.random() * choice.cumulative_weights[-1]
-    last = len(choice.population) - 1
-    return choice.population[bisect.bisect(choice.cumulative_weights, position, 0, last)]
+    number, without adding up the weights again at every draw (the history's draws too)."""
+    population, cumulative_weights = choice
+    position = rng.random() * cumulative_weights[-1]
+    return population[bisect.bisect(cumulative_weights, position, 0, len(population) - 1)]
 
 
 TYPE_CHOICE = weighted(PAYMENT_TYPES, TYPE_WEIGHTS)

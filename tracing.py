@@ -240,9 +240,9 @@ class PaymentTracer:
         """Queue a finished payment's spans if sampled; a full queue drops them (counted). Never
         blocks or raises."""
         try:
-            spans = 1 + len(payment.steps)
             if not payment.trace.sampled:
                 return
+            spans = 1 + len(payment.steps)  # worked out for the sampled payments alone
             with self._wake:
                 if not self._closing and self._queued + self._in_flight + spans <= self.max_queue:
                     self._queue.append((payment, spans))
