@@ -24,9 +24,9 @@ the answer for a retry.
 
 Part II, the machinery, keeps the service safe and fast without changing that path: connection
 guards (deadlines, framing, fair shares, cross-site refusals, a cap with an overflow), idempotency
-keys, the exporter's states and stop, listing and the console's activity, students' checks
-(exercises.py), and start-up plumbing. Each piece attaches to Part I as a
-subclass or a small hook, so Part I reads without it.
+keys, refunds, the exporter's states and stop, listing and the console's activity, students'
+checks (exercises.py), scenario control, traffic shapes and fast draws, and start-up plumbing.
+Each piece attaches to Part I as a subclass or a small hook, so Part I reads without it.
 """
 import base64
 import bisect
@@ -399,19 +399,6 @@ class PaymentRequest(NamedTuple):
     decline_code: str = None  # set by a test card number that is always declined
 
 
-def known_currency(value, currencies):
-    """The currency named, in any (ASCII) case, or None."""
-    if isinstance(value, str) and value.isascii() and value.upper() in currencies:
-        return value.upper()
-    return None
-
-
-def known_type(value):
-    if isinstance(value, str) and value.isascii() and value.lower() in PAYMENT_TYPES:
-        return value.lower()
-    return None
-
-
 def validate_payment(document, currencies, rng):
     """The PaymentRequest a JSON body asks for, or InvalidField naming the first wrong field."""
     if not isinstance(document, dict):
@@ -450,6 +437,19 @@ def validate_amount(amount):
     if amount != amount.quantize(Decimal("0.01")):
         raise InvalidField("amount", "amount must have at most 2 decimals")
     return amount.quantize(Decimal("0.01"))
+
+
+def known_currency(value, currencies):
+    """The currency named, in any (ASCII) case, or None."""
+    if isinstance(value, str) and value.isascii() and value.upper() in currencies:
+        return value.upper()
+    return None
+
+
+def known_type(value):
+    if isinstance(value, str) and value.isascii() and value.lower() in PAYMENT_TYPES:
+        return value.lower()
+    return None
 
 
 def validate_card(document, method):
@@ -553,18 +553,6 @@ class Step(NamedTuple):
     error: str = None  # why it failed, on the step that failed
 
 
-@dataclass(frozen=True, slots=True)
-class Refund:
-    """Money returned to the customer for (part of) a completed payment."""
-    refund_id: str
-    payment_id: str
-    amount: Decimal
-    currency: str
-    source: str
-    created_at: float
-
-
-MAX_REFUNDS = 100  # refunds a payment may have, so a payment's memory stays bounded too
 PAYMENT_STATUS = {200: "completed", 402: "declined"}  # any other HTTP status: failed
 PAYMENT_OUTCOME = {200: "success", 402: "declined"}  # any other: failed
 OUTAGE_REASON = "payment service unavailable (outage scenario)"
@@ -714,6 +702,12 @@ class PaymentProcessor:
         self.tracer = tracer
         self.payment_log = PaymentLog(settings.log_format)
 
+    def pay(self, request, rng, effects, fault, trace, wait):
+        """An API payment from start to end: begin, wait its processing time, finish."""
+        payment = self.begin(request, rng, "api", effects, fault, trace)
+        wait(payment.processing_time)
+        return self.finish(payment)
+
     def begin(self, request, rng, source, effects=NO_EFFECTS, fault=Fault(), trace=None):
         """Decide the outcome and processing time; the caller waits that long, then calls
         finish(). `trace` is the client's TraceContext, else the payment starts a trace."""
@@ -749,12 +743,6 @@ class PaymentProcessor:
         if self.settings.log_payments:
             self.payment_log.write(payment, log_later)
         return payment
-
-    def pay(self, request, rng, effects, fault, trace, wait):
-        """An API payment from start to end: begin, wait its processing time, finish."""
-        payment = self.begin(request, rng, "api", effects, fault, trace)
-        wait(payment.processing_time)
-        return self.finish(payment)
 
     def refund(self, payment_id, amount, source):
         """Refund `amount` (None: all that remains) of a completed payment."""
@@ -802,6 +790,26 @@ def draw_outcome(rng, request, settings, effects, fault=Fault()):
     return status, processing_time, min(processing_time, usual_time)  # equal: one float, kept once
 
 
+class DisabledTracer:
+    """Stands in for trace export (tracing.py, an optional extra) when it is off."""
+
+    def __init__(self, reason, asked_for=False):
+        self.reason = reason
+        self.asked_for = asked_for  # an OTLP endpoint is set, but traces cannot be sent
+
+    def sample(self, trace, source):
+        return trace
+
+    def record(self, payment):
+        pass
+
+    def health(self):
+        return {"state": "disabled", "reason": self.reason}
+
+    def close(self, timeout):
+        pass
+
+
 # Shares of a payment's usual processing time; the bank takes the rest, and all of a slowdown
 # (a slow bank, the latency_degradation scenario), so a slow trace shows where the time went
 STEP_SHARES = {"validation": 0.08, "fraud_check": 0.22}
@@ -827,26 +835,6 @@ def failure_reason(request, effects, fault, currencies):
     if effects.failure_rate is not None:
         return "bank gateway error (error_spike scenario)"
     return "bank gateway error"
-
-
-class DisabledTracer:
-    """Stands in for trace export (tracing.py, an optional extra) when it is off."""
-
-    def __init__(self, reason, asked_for=False):
-        self.reason = reason
-        self.asked_for = asked_for  # an OTLP endpoint is set, but traces cannot be sent
-
-    def sample(self, trace, source):
-        return trace
-
-    def record(self, payment):
-        pass
-
-    def health(self):
-        return {"state": "disabled", "reason": self.reason}
-
-    def close(self, timeout):
-        pass
 
 
 # ---------------------------------------------------------------- 5. metrics
@@ -907,6 +895,14 @@ class PaymentStats:
             self._recent_ends.append(payment.completed_at)
             self._recent_times.append(payment.processing_time)
 
+    def _roll_day(self, now):
+        """Start a new day's revenue at 00:00 UTC; never back: 23:59:59's late payment stays."""
+        if now < self._next_day_at:
+            return
+        self._day = datetime.fromtimestamp(now, timezone.utc).date()
+        self._next_day_at = (now // 86400 + 1) * 86400  # the next midnight, UTC
+        self._daily_revenue = dict.fromkeys(self.currencies, Decimal(0))
+
     def _forget_before(self, oldest_second):
         for second in [second for second in self._recent if second <= oldest_second]:
             del self._recent[second]
@@ -918,14 +914,6 @@ class PaymentStats:
     def record_refund(self, refund):
         with self._lock:
             self._refunded_total[refund.currency] += refund.amount
-
-    def _roll_day(self, now):
-        """Start a new day's revenue at 00:00 UTC; never back: 23:59:59's late payment stays."""
-        if now < self._next_day_at:
-            return
-        self._day = datetime.fromtimestamp(now, timezone.utc).date()
-        self._next_day_at = (now // 86400 + 1) * 86400  # the next midnight, UTC
-        self._daily_revenue = dict.fromkeys(self.currencies, Decimal(0))
 
     def daily_revenue(self):
         with self._lock:
@@ -1093,13 +1081,6 @@ def payment_line(payment, instance):
             f"{int(payment.completed_at * 1e9)}")
 
 
-def refund_line(refund, payment, instance):
-    """One refund as a point of the measurement `refund`, tagged like its payment."""
-    return (f"refund,currency={refund.currency},customer_id={customer_tag(payment.request)},"
-            f"instance={instance},payment_type={payment.request.type} "
-            f"amount={float(refund.amount)!r} {int(refund.created_at * 1e9)}")
-
-
 def customer_tag(request):
     """The customer_id tag: pool-shaped ids as they are, any other 'other' (bounded series)."""
     return request.customer_id if POOL_CUSTOMER.fullmatch(request.customer_id) else "other"
@@ -1166,26 +1147,6 @@ class InfluxWriter:
             self.metrics.influx_written.inc(points)
         else:
             self.metrics.influx_dropped.labels(outcome).inc(points)
-
-
-class DisabledExporter:
-    """Stands in for InfluxDB export when it is off: same interface, does nothing."""
-    enabled = False
-
-    def __init__(self, reason):
-        self.reason = reason
-
-    def start(self):
-        pass
-
-    def export(self, line):
-        pass
-
-    def health(self):
-        return {"state": "disabled", "reason": self.reason}
-
-    def close(self, timeout):
-        pass
 
 
 def log_fields(payment):
@@ -1287,7 +1248,7 @@ def payment_json(payment):
     if payment.succeeded:
         refunds = list(payment.refunds)  # one snapshot, while a refund may be added meanwhile
         body["refundedAmount"] = float(sum((refund.amount for refund in refunds), Decimal(0)))
-        body["refunds"] = [refund_json(refund) for refund in refunds]
+        body["refunds"] = [refund_json(refund) for refund in refunds]  # Part II, refunds
     elif payment.http_status == 402:
         body["error"] = "Payment declined by the bank"
         body["declineCode"] = payment.decline_code
@@ -1296,12 +1257,6 @@ def payment_json(payment):
     else:
         body["error"] = "Payment service unavailable"
     return body
-
-
-def refund_json(refund):
-    return {"refundId": refund.refund_id, "paymentId": refund.payment_id,
-            "amount": float(refund.amount), "currency": refund.currency, "status": "succeeded",
-            "source": refund.source, "timestamp": iso_utc(refund.created_at)}
 
 
 def iso_utc(epoch_seconds):
@@ -1523,6 +1478,35 @@ class PaymentHandler(BaseHTTPRequestHandler):
             error.headers["WWW-Authenticate"] = "Bearer"
             raise error
 
+    # -- a refund: its answer, line and checks are in Part II (refunds)
+
+    def create_refund(self, payment_id):
+        """POST /api/payments/{id}/refunds: all that remains, or `amount` of it."""
+        document = self.read_object(required=False)  # no body, or null: refund all that remains
+        unknown = sorted(set(document) - {"amount"})
+        if unknown:  # a misspelt "amount" must not refund everything
+            raise InvalidField(unknown[0][:40], f"unknown field {unknown[0][:40]!r}; a refund "
+                               "takes only 'amount' (leave it out to refund all that remains)")
+        amount = document.get("amount")
+        if amount is not None:
+            amount = validate_amount(amount)
+        app = self.server.app
+        refund = functools.partial(app.processor.refund, payment_id, amount, "api")
+        # every Idempotency-Key header (two are refused); an empty one is as if none were sent
+        key = ",".join(self.headers.get_all("Idempotency-Key", [])) or None
+        if key is not None:  # a retry gets the first answer, not a second refund (Part II)
+            return app.idempotency.answer_once(self, key, amount, refund, refund_answer)
+        self.send_json(*refund_answer(refund()))
+
+    def read_object(self, required=True):
+        """The body as a JSON object; {} when optional and absent (or null); else 400."""
+        document = self.read_json(required)
+        if document is None and not required:
+            return {}
+        if not isinstance(document, dict):
+            raise MalformedBody("body must be a JSON object")
+        return document
+
     # -- the payment endpoints
 
     def create_payment(self):
@@ -1548,24 +1532,6 @@ class PaymentHandler(BaseHTTPRequestHandler):
         payment = pay()
         self.trace = payment.trace  # sampled or not, as the tracer decided
         self.send_json(*payment_answer(payment))
-
-    def create_refund(self, payment_id):
-        """POST /api/payments/{id}/refunds: all that remains, or `amount` of it."""
-        document = self.read_object(required=False)  # no body, or null: refund all that remains
-        unknown = sorted(set(document) - {"amount"})
-        if unknown:  # a misspelt "amount" must not refund everything
-            raise InvalidField(unknown[0][:40], f"unknown field {unknown[0][:40]!r}; a refund "
-                               "takes only 'amount' (leave it out to refund all that remains)")
-        amount = document.get("amount")
-        if amount is not None:
-            amount = validate_amount(amount)
-        app = self.server.app
-        refund = functools.partial(app.processor.refund, payment_id, amount, "api")
-        # every Idempotency-Key header (two are refused); an empty one is as if none were sent
-        key = ",".join(self.headers.get_all("Idempotency-Key", [])) or None
-        if key is not None:  # a retry gets the first answer, not a second refund (Part II)
-            return app.idempotency.answer_once(self, key, amount, refund, refund_answer)
-        self.send_json(*refund_answer(refund()))
 
     # -- reading a body
 
@@ -1600,24 +1566,6 @@ class PaymentHandler(BaseHTTPRequestHandler):
             raise MalformedBody("the connection closed before the whole body arrived")
         self.body_unread = False
         return body
-
-    def read_object(self, required=True):
-        """The body as a JSON object; {} when optional and absent (or null); else 400."""
-        document = self.read_json(required)
-        if document is None and not required:
-            return {}
-        if not isinstance(document, dict):
-            raise MalformedBody("body must be a JSON object")
-        return document
-
-
-def refund_answer(refund_and_payment):
-    """(status, JSON body, headers) of the answer to a refund."""
-    refund, payment = refund_and_payment
-    refunded = payment.refunded
-    body = {**refund_json(refund), "refundedAmount": float(refunded),
-            "remainingAmount": float(payment.request.amount - refunded)}
-    return 201, body, {}
 
 
 class PaymentServer(ThreadingHTTPServer):
@@ -1725,10 +1673,6 @@ METHOD_WEIGHTS = (75, 15, 10)  # card, bank_transfer, wallet
 AMOUNT_BANDS = ((0.75, 10, 200), (0.20, 200, 1000), (0.05, 1000, 6000))
 RETURNING_CUSTOMERS = 100  # the first 10 % of the customers
 RETURNING_SHARE = 0.6  # make 60 % of the payments
-REFUND_SHARE = 0.02  # of completed simulated payments, refunded 1 to 10 minutes later
-REFUND_AFTER = (60.0, 600.0)
-FULL_REFUND_SHARE = 0.7  # the others return part of the amount:
-PARTIAL_REFUND = (0.1, 0.9)  # 10 to 90 % of it, at least 0.01
 BURST_EVERY = 60.0  # the bursty profile: every minute,
 BURST_LENGTH = 6.0  # 6 s
 BURST_FACTOR = 4.0  # at 4 times the rate
@@ -1736,38 +1680,10 @@ MAX_LAG_SECONDS = 5.0
 TICK_SECONDS = 0.005  # the scheduler sleeps at least this long: high rates come in batches
 
 
-DAY_SECONDS = 86400  # a diurnal profile of this period follows the UTC clock and the week
-NIGHT_FACTOR = 0.2  # the diurnal profile at midnight, every day alike
-WEEKEND_SHARE = 0.65  # a Saturday's or Sunday's daytime traffic against a weekday's
-DAY_VARIATION = 0.1  # each day's daytime traffic, seeded, up to 10 % more or less
-DEFAULT_SHAPE_SEED = 1  # the seed of the days when SIMULATION_SEED is unset (the history's too)
-
-
-@functools.lru_cache(maxsize=64)
-def week_levels(seed, week):
-    """How busy the days of week number `week` (Monday to Sunday, UTC) are by day, drawn from
-    `seed`: weekends lower, each day varied, the seven summing to 7."""
-    rng = random.Random(f"payment-api week {seed} {week}")
-    levels = []
-    for weekday in range(7):  # Monday is 0
-        usual = WEEKEND_SHARE if weekday >= 5 else 1.0
-        levels.append(usual * rng.uniform(1 - DAY_VARIATION, 1 + DAY_VARIATION))
-    return tuple(7 * level / sum(levels) for level in levels)
-
-
-def utc_day_factor(utc, seed):
-    """Rate multiplier at epoch second `utc`: NIGHT_FACTOR at midnight UTC, the daytime above it
-    scaled by the day's level; 1 on average over every UTC week, Monday to Sunday."""
-    day, second = divmod(utc, DAY_SECONDS)
-    week, weekday = divmod(int(day) + 3, 7)  # 1970-01-01, day 0, was a Thursday
-    level = week_levels(DEFAULT_SHAPE_SEED if seed is None else seed, week)[weekday]
-    daytime = 1.0 - math.cos(2 * math.pi * second / DAY_SECONDS)  # 0 at midnight, 2 at noon
-    return NIGHT_FACTOR + (1.0 - NIGHT_FACTOR) * level * daytime
-
-
 def profile_factor(profile, elapsed, period, utc=None, seed=None):
     """Rate multiplier of a traffic profile at `elapsed` seconds; each averages 1 a cycle. A
-    diurnal 'day' of 24 hours follows the UTC clock at epoch second `utc` instead, by week."""
+    diurnal 'day' of 24 hours follows the UTC clock at epoch second `utc` instead, by week
+    (utc_day_factor, Part II)."""
     if profile == "diurnal" and period == DAY_SECONDS and utc is not None:
         return utc_day_factor(utc, seed)
     if profile == "diurnal":  # night at 0.2x, midday at 1.8x
@@ -1779,37 +1695,9 @@ def profile_factor(profile, elapsed, period, utc=None, seed=None):
     return 1.0
 
 
-class WeightedChoice(NamedTuple):
-    """A population and its weights added up once: pick() draws from it."""
-    population: tuple
-    cumulative_weights: tuple
-
-
-def weighted(population, weights):
-    return WeightedChoice(tuple(population), tuple(itertools.accumulate(weights)))
-
-
-def pick(rng, choice):
-    """One weighted pick: what rng.choices(population, weights)[0] draws, from the same random
-    number, without adding up the weights again at every draw (the history's draws too)."""
-    population, cumulative_weights = choice
-    position = rng.random() * cumulative_weights[-1]
-    return population[bisect.bisect(cumulative_weights, position, 0, len(population) - 1)]
-
-
-TYPE_CHOICE = weighted(PAYMENT_TYPES, TYPE_WEIGHTS)
-AMOUNT_BAND_CHOICE = weighted(AMOUNT_BANDS, [band[0] for band in AMOUNT_BANDS])
-METHOD_CHOICE = weighted(PAYMENT_METHODS, METHOD_WEIGHTS)
-
-
-@functools.lru_cache(maxsize=8)
-def currency_choice(currencies):
-    """The configured currencies (a tuple), weighted as CURRENCY_WEIGHTS says."""
-    return weighted(currencies, [CURRENCY_WEIGHTS.get(code, 10) for code in currencies])
-
-
 def draw_request(rng, currencies):
-    """A PaymentRequest as a real shop's customers make them: the simulator's mix."""
+    """A PaymentRequest as a real shop's customers make them: the simulator's mix, drawn with
+    pick() and the weights added up once (Part II, fast draws)."""
     currency = pick(rng, currency_choice(currencies))
     payment_type = pick(rng, TYPE_CHOICE)
     _, low, high = pick(rng, AMOUNT_BAND_CHOICE)
@@ -1818,18 +1706,6 @@ def draw_request(rng, currencies):
     pool = RETURNING_CUSTOMERS if rng.random() < RETURNING_SHARE else CUSTOMER_POOL
     customer_id = CUSTOMER_IDS[int(rng.random() * pool)]
     return PaymentRequest(Decimal(f"{amount:.2f}"), currency, payment_type, customer_id, method)
-
-
-def draw_refund(rng, amount):
-    """(seconds after completion, amount or None for all) of the refund the simulator (and the
-    history) makes of a completed payment of `amount`, or None for no refund."""
-    if rng.random() >= REFUND_SHARE:
-        return None
-    refund_amount = None
-    if rng.random() > FULL_REFUND_SHARE:
-        part = Decimal(f"{float(amount) * rng.uniform(*PARTIAL_REFUND):.2f}")
-        refund_amount = max(part, Decimal("0.01"))
-    return rng.uniform(*REFUND_AFTER), refund_amount
 
 
 class Simulator:
@@ -2252,6 +2128,41 @@ class GuardedServer(PaymentServer):
         self._wake_reader, self._wake_writer = socket.socketpair()  # a stop wakes serve_forever
         self.overflow = Overflow(self, overflow_places)
 
+    def get_request(self):
+        try:
+            connection = super().get_request()
+        except OSError as error:
+            if error.errno in self.OUT_OF_DESCRIPTORS:
+                self._back_off(error)
+            raise
+        if self._accept_backoff > 0.01:
+            self._accept_backoff /= 2
+        else:
+            self._accept_backoff = 0.0
+        if self._starving:
+            self._starving = False
+            if self._starving_said:
+                log.info("accepting connections again: file descriptors are free")
+        return connection
+
+    def process_request(self, request, client_address):
+        at_limit = len(self.connections) >= self.max_connections
+        if at_limit and not self.close_oldest_idle():
+            if not self._limit_reached_said:
+                self._limit_reached_said = True
+                fields = {"MAX_CONNECTIONS": self.max_connections}
+                log.warning("connection limit reached: further connections get 503, except "
+                            "/health and /metrics", extra={"fields": fields})
+            self.overflow.admit(request, client_address)
+            return
+        self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        self.connections.discard(request)
+        self.idle_connections.pop(request, None)
+        super().shutdown_request(request)
+
     def server_bind(self):
         """HTTPServer's bind, without the reverse DNS lookup of its address (socket.getfqdn)
         that start-up would wait for: nothing here reads server_name."""
@@ -2273,41 +2184,6 @@ class GuardedServer(PaymentServer):
                         self._handle_request_noblock()
         finally:
             self._serving_ended.set()
-
-    def get_request(self):
-        try:
-            connection = super().get_request()
-        except OSError as error:
-            if error.errno in self.OUT_OF_DESCRIPTORS:
-                self._back_off(error)
-            raise
-        if self._accept_backoff > 0.01:
-            self._accept_backoff /= 2
-        else:
-            self._accept_backoff = 0.0
-        if self._starving:
-            self._starving = False
-            if self._starving_said:
-                log.info("accepting connections again: file descriptors are free")
-        return connection
-
-    def shutdown_request(self, request):
-        self.connections.discard(request)
-        self.idle_connections.pop(request, None)
-        super().shutdown_request(request)
-
-    def process_request(self, request, client_address):
-        at_limit = len(self.connections) >= self.max_connections
-        if at_limit and not self.close_oldest_idle():
-            if not self._limit_reached_said:
-                self._limit_reached_said = True
-                fields = {"MAX_CONNECTIONS": self.max_connections}
-                log.warning("connection limit reached: further connections get 503, except "
-                            "/health and /metrics", extra={"fields": fields})
-            self.overflow.admit(request, client_address)
-            return
-        self.connections.add(request)
-        super().process_request(request, client_address)
 
     def close_oldest_idle(self):
         """Make room at the limit: end the connection idle the longest (a keep-alive one
@@ -2804,6 +2680,64 @@ class IdempotencyKeys:
     def __len__(self):
         return len(self._answers)
 
+# ---------------------------------------------------------------- refunds
+# A second flow beside the payment's: POST /api/payments/{id}/refunds and the simulator's
+# refunds go through PaymentProcessor.refund, which checks the store, counts and exports.
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    """Money returned to the customer for (part of) a completed payment."""
+    refund_id: str
+    payment_id: str
+    amount: Decimal
+    currency: str
+    source: str
+    created_at: float
+
+
+MAX_REFUNDS = 100  # refunds a payment may have, so a payment's memory stays bounded too
+
+
+def refund_json(refund):
+    return {"refundId": refund.refund_id, "paymentId": refund.payment_id,
+            "amount": float(refund.amount), "currency": refund.currency, "status": "succeeded",
+            "source": refund.source, "timestamp": iso_utc(refund.created_at)}
+
+
+def refund_answer(refund_and_payment):
+    """(status, JSON body, headers) of the answer to a refund."""
+    refund, payment = refund_and_payment
+    refunded = payment.refunded
+    body = {**refund_json(refund), "refundedAmount": float(refunded),
+            "remainingAmount": float(payment.request.amount - refunded)}
+    return 201, body, {}
+
+
+def refund_line(refund, payment, instance):
+    """One refund as a point of the measurement `refund`, tagged like its payment."""
+    return (f"refund,currency={refund.currency},customer_id={customer_tag(payment.request)},"
+            f"instance={instance},payment_type={payment.request.type} "
+            f"amount={float(refund.amount)!r} {int(refund.created_at * 1e9)}")
+
+
+REFUND_SHARE = 0.02  # of completed simulated payments, refunded 1 to 10 minutes later
+REFUND_AFTER = (60.0, 600.0)
+FULL_REFUND_SHARE = 0.7  # the others return part of the amount:
+PARTIAL_REFUND = (0.1, 0.9)  # 10 to 90 % of it, at least 0.01
+
+
+def draw_refund(rng, amount):
+    """(seconds after completion, amount or None for all) of the refund the simulator (and the
+    history) makes of a completed payment of `amount`, or None for no refund."""
+    if rng.random() >= REFUND_SHARE:
+        return None
+    refund_amount = None
+    if rng.random() > FULL_REFUND_SHARE:
+        part = Decimal(f"{float(amount) * rng.uniform(*PARTIAL_REFUND):.2f}")
+        refund_amount = max(part, Decimal("0.01"))
+    return rng.uniform(*REFUND_AFTER), refund_amount
+
 # ---------------------------------------------------------------- the exporter's states and stop
 
 
@@ -2911,6 +2845,26 @@ def make_exporter(settings, metrics):
     except ImportError:
         return DisabledExporter("the influxdb-client package is not installed")
     return InfluxExporter(settings, metrics)
+
+
+class DisabledExporter:
+    """Stands in for InfluxDB export when it is off: same interface, does nothing."""
+    enabled = False
+
+    def __init__(self, reason):
+        self.reason = reason
+
+    def start(self):
+        pass
+
+    def export(self, line):
+        pass
+
+    def health(self):
+        return {"state": "disabled", "reason": self.reason}
+
+    def close(self, timeout):
+        pass
 
 # ---------------------------------------------------------------- listing and the console
 
@@ -3417,6 +3371,68 @@ def parse_schedule(text):
         start = parse_duration(match[2])
         entries.append(ScheduleEntry(match[1], start, parse_duration(match[3]), every))
     return tuple(entries)
+
+# ---------------------------------------------------------------- traffic shapes and fast draws
+# The UTC week of a 24-hour diurnal day (the history's shape too), and weighted picks whose
+# weights are added up once: the simulator's draw_request and the history call them.
+
+
+DAY_SECONDS = 86400  # a diurnal profile of this period follows the UTC clock and the week
+NIGHT_FACTOR = 0.2  # the diurnal profile at midnight, every day alike
+WEEKEND_SHARE = 0.65  # a Saturday's or Sunday's daytime traffic against a weekday's
+DAY_VARIATION = 0.1  # each day's daytime traffic, seeded, up to 10 % more or less
+DEFAULT_SHAPE_SEED = 1  # the seed of the days when SIMULATION_SEED is unset (the history's too)
+
+
+@functools.lru_cache(maxsize=64)
+def week_levels(seed, week):
+    """How busy the days of week number `week` (Monday to Sunday, UTC) are by day, drawn from
+    `seed`: weekends lower, each day varied, the seven summing to 7."""
+    rng = random.Random(f"payment-api week {seed} {week}")
+    levels = []
+    for weekday in range(7):  # Monday is 0
+        usual = WEEKEND_SHARE if weekday >= 5 else 1.0
+        levels.append(usual * rng.uniform(1 - DAY_VARIATION, 1 + DAY_VARIATION))
+    return tuple(7 * level / sum(levels) for level in levels)
+
+
+def utc_day_factor(utc, seed):
+    """Rate multiplier at epoch second `utc`: NIGHT_FACTOR at midnight UTC, the daytime above it
+    scaled by the day's level; 1 on average over every UTC week, Monday to Sunday."""
+    day, second = divmod(utc, DAY_SECONDS)
+    week, weekday = divmod(int(day) + 3, 7)  # 1970-01-01, day 0, was a Thursday
+    level = week_levels(DEFAULT_SHAPE_SEED if seed is None else seed, week)[weekday]
+    daytime = 1.0 - math.cos(2 * math.pi * second / DAY_SECONDS)  # 0 at midnight, 2 at noon
+    return NIGHT_FACTOR + (1.0 - NIGHT_FACTOR) * level * daytime
+
+
+class WeightedChoice(NamedTuple):
+    """A population and its weights added up once: pick() draws from it."""
+    population: tuple
+    cumulative_weights: tuple
+
+
+def weighted(population, weights):
+    return WeightedChoice(tuple(population), tuple(itertools.accumulate(weights)))
+
+
+def pick(rng, choice):
+    """One weighted pick: what rng.choices(population, weights)[0] draws, from the same random
+    number, without adding up the weights again at every draw (the history's draws too)."""
+    population, cumulative_weights = choice
+    position = rng.random() * cumulative_weights[-1]
+    return population[bisect.bisect(cumulative_weights, position, 0, len(population) - 1)]
+
+
+TYPE_CHOICE = weighted(PAYMENT_TYPES, TYPE_WEIGHTS)
+AMOUNT_BAND_CHOICE = weighted(AMOUNT_BANDS, [band[0] for band in AMOUNT_BANDS])
+METHOD_CHOICE = weighted(PAYMENT_METHODS, METHOD_WEIGHTS)
+
+
+@functools.lru_cache(maxsize=8)
+def currency_choice(currencies):
+    """The configured currencies (a tuple), weighted as CURRENCY_WEIGHTS says."""
+    return weighted(currencies, [CURRENCY_WEIGHTS.get(code, 10) for code in currencies])
 
 # ---------------------------------------------------------------- start-up plumbing
 
