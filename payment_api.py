@@ -376,6 +376,42 @@ class Unprocessable(ClientError):
     status = 422
 
 
+class PaymentRequest(NamedTuple):
+    """What a client (or the simulator) asks for: validated, never changed."""
+    amount: Decimal
+    currency: str
+    type: str
+    customer_id: str
+    method: str = "card"
+    card_last4: str = None  # the only part of a card number kept anywhere
+    decline_code: str = None  # set by a test card number that is always declined
+
+
+def luhn_valid(digits):
+    """The check digit of card numbers: catches a mistyped digit or two swapped neighbours."""
+    total = 0
+    for position, digit in enumerate(reversed(digits)):
+        value = int(digit) * (2 if position % 2 else 1)
+        total += value - 9 if value > 9 else value
+    return total % 10 == 0
+
+
+def label_values(document, currencies):
+    """(type, currency) labels of a request: what it named if valid, else INVALID, never new."""
+    if not isinstance(document, dict):
+        return INVALID, INVALID
+    payment_type = known_type(document.get("type", "standard")) or INVALID
+    currency = known_currency(document.get("currency", "USD"), currencies) or INVALID
+    return payment_type, currency
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault a student asks for with X-Simulate-Failure / X-Simulate-Latency headers."""
+    fail: bool = False
+    latency: float = None
+
+
 def reject_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -386,17 +422,6 @@ def parse_json(body):
         return json.loads(body, parse_float=Decimal, parse_constant=reject_constant)
     except (ValueError, RecursionError):
         raise MalformedBody("body is not valid JSON") from None
-
-
-class PaymentRequest(NamedTuple):
-    """What a client (or the simulator) asks for: validated, never changed."""
-    amount: Decimal
-    currency: str
-    type: str
-    customer_id: str
-    method: str = "card"
-    card_last4: str = None  # the only part of a card number kept anywhere
-    decline_code: str = None  # set by a test card number that is always declined
 
 
 def validate_payment(document, currencies, rng):
@@ -463,31 +488,6 @@ def validate_card(document, method):
         raise InvalidField("cardNumber",
                            "cardNumber must be 12-19 digits with a valid check digit (Luhn)")
     return number[-4:], TEST_CARDS.get(number)
-
-
-def luhn_valid(digits):
-    """The check digit of card numbers: catches a mistyped digit or two swapped neighbours."""
-    total = 0
-    for position, digit in enumerate(reversed(digits)):
-        value = int(digit) * (2 if position % 2 else 1)
-        total += value - 9 if value > 9 else value
-    return total % 10 == 0
-
-
-def label_values(document, currencies):
-    """(type, currency) labels of a request: what it named if valid, else INVALID, never new."""
-    if not isinstance(document, dict):
-        return INVALID, INVALID
-    payment_type = known_type(document.get("type", "standard")) or INVALID
-    currency = known_currency(document.get("currency", "USD"), currencies) or INVALID
-    return payment_type, currency
-
-
-@dataclass(frozen=True)
-class Fault:
-    """A fault a student asks for with X-Simulate-Failure / X-Simulate-Latency headers."""
-    fail: bool = False
-    latency: float = None
 
 
 def read_fault(headers):
@@ -596,26 +596,14 @@ class Payment:
 
 
 class PaymentStore:
-    """The most recent payments by id, up to a fixed count, and as many refunds in all as
-    payments: memory stays flat however long, and however many refunds clients make."""
+    """The most recent payments by id, up to a fixed count: memory stays flat however long.
+    It counts the refunds of the payments it keeps, which Part II's RefundingStore bounds."""
 
     def __init__(self, capacity):
         self.capacity = capacity
         self._payments = OrderedDict()
         self._refunds = 0  # of the payments kept
         self._lock = threading.Lock()
-
-    def add(self, payment):
-        with self._lock:
-            replaced = self._payments.pop(payment.payment_id, None)  # an id drawn twice
-            self._refunds -= len(replaced.refunds) if replaced else 0
-            self._payments[payment.payment_id] = payment
-            if len(self._payments) > self.capacity:
-                self._forget_oldest()
-
-    def _forget_oldest(self):
-        _, oldest = self._payments.popitem(last=False)
-        self._refunds -= len(oldest.refunds)
 
     def get(self, payment_id):
         with self._lock:
@@ -633,40 +621,17 @@ class PaymentStore:
         matching = (payment for payment in newest_first if matches(payment))
         return [payment for payment, _ in zip(matching, range(limit))]
 
-    def refund(self, payment_id, amount, make_refund):
-        """Check and record a refund of `amount` (None: all that remains) at once, so racing
-        refunds never return more than was paid. Returns the refund and its payment."""
+    def add(self, payment):
         with self._lock:
-            payment = self._payments.get(payment_id)
-            if payment is None:
-                raise NotFound("payment not found", paymentId=payment_id[:ECHO_LIMIT])
-            if not payment.succeeded:
-                raise Conflict("only a completed payment can be refunded; "
-                               f"this one is {payment.status}")
-            remaining = payment.request.amount - payment.refunded
-            if remaining <= 0:
-                raise Conflict("nothing left to refund on this payment")
-            if len(payment.refunds) == MAX_REFUNDS - 1 and amount not in (None, remaining):
-                raise Unprocessable(f"a payment can have at most {MAX_REFUNDS} refunds: the "
-                                    f"last one returns all that remains ({remaining})",
-                                    field="amount", refundable=float(remaining))
-            if amount is not None and amount > remaining:
-                raise Unprocessable(f"at most {remaining} {payment.request.currency} remains "
-                                    "to refund", field="amount", refundable=float(remaining))
-            refund = make_refund(payment, remaining if amount is None else amount)
-            payment.refunds += (refund,)
-            self._refunds += 1
-            if self._refunds > self.capacity:
-                self._forget_oldest_refunded(besides=payment_id)
-            return refund, payment
+            replaced = self._payments.pop(payment.payment_id, None)  # an id drawn twice
+            self._refunds -= len(replaced.refunds) if replaced else 0
+            self._payments[payment.payment_id] = payment
+            if len(self._payments) > self.capacity:
+                self._forget_oldest()
 
-    def _forget_oldest_refunded(self, besides):
-        """Over the refund budget: the oldest payment with refunds (not `besides`) makes room."""
-        for payment_id, kept in self._payments.items():
-            if kept.refunds and payment_id != besides:
-                del self._payments[payment_id]  # and no further step of this loop
-                self._refunds -= len(kept.refunds)
-                return
+    def _forget_oldest(self):
+        _, oldest = self._payments.popitem(last=False)
+        self._refunds -= len(oldest.refunds)
 
 # ---------------------------------------------------------------- 4. processing
 
@@ -743,18 +708,6 @@ class PaymentProcessor:
         if self.settings.log_payments:
             self.payment_log.write(payment, log_later)
         return payment
-
-    def refund(self, payment_id, amount, source):
-        """Refund `amount` (None: all that remains) of a completed payment."""
-        def make_refund(payment, refund_amount):
-            return Refund(f"re_{new_span_id()}", payment.payment_id, refund_amount,
-                          payment.request.currency, source, self._clock())
-        refund, payment = self.store.refund(payment_id, amount, make_refund)
-        self.metrics.record_refund(refund)
-        self.stats.record_refund(refund)
-        if self.exporter.enabled:
-            self.exporter.export(refund_line(refund, payment, self.settings.instance))
-        return refund, payment
 
     def reject(self, error, document):
         """Count a refused request under the labels it named, if they are known ones."""
@@ -1318,6 +1271,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
                   ("GET", r"/api/payments/stats", "payment_stats", False),
                   ("GET", r"/api/activity", "activity", False),  # (II)
                   ("GET", r"/api/payments/(?P<payment_id>[^/]+)", "get_payment", False),
+                  # (II), the refunds section:
                   ("POST", r"/api/payments/(?P<payment_id>[^/]+)/refunds", "create_refund", False),
                   ("GET", r"/api/simulation", "get_simulation", False),  # (II)
                   ("PUT", r"/api/simulation", "put_simulation", True),  # (II)
@@ -1477,26 +1431,6 @@ class PaymentHandler(BaseHTTPRequestHandler):
             error = Unauthorized("this change needs 'Authorization: Bearer <ADMIN_TOKEN>'")
             error.headers["WWW-Authenticate"] = "Bearer"
             raise error
-
-    # -- a refund: its answer, line and checks are in Part II (refunds)
-
-    def create_refund(self, payment_id):
-        """POST /api/payments/{id}/refunds: all that remains, or `amount` of it."""
-        document = self.read_object(required=False)  # no body, or null: refund all that remains
-        unknown = sorted(set(document) - {"amount"})
-        if unknown:  # a misspelt "amount" must not refund everything
-            raise InvalidField(unknown[0][:40], f"unknown field {unknown[0][:40]!r}; a refund "
-                               "takes only 'amount' (leave it out to refund all that remains)")
-        amount = document.get("amount")
-        if amount is not None:
-            amount = validate_amount(amount)
-        app = self.server.app
-        refund = functools.partial(app.processor.refund, payment_id, amount, "api")
-        # every Idempotency-Key header (two are refused); an empty one is as if none were sent
-        key = ",".join(self.headers.get_all("Idempotency-Key", [])) or None
-        if key is not None:  # a retry gets the first answer, not a second refund (Part II)
-            return app.idempotency.answer_once(self, key, amount, refund, refund_answer)
-        self.send_json(*refund_answer(refund()))
 
     def read_object(self, required=True):
         """The body as a JSON object; {} when optional and absent (or null); else 400."""
@@ -1842,14 +1776,14 @@ class PaymentApp:
     def __init__(self, settings, clock=time.time, monotonic=time.monotonic):
         self.settings = settings
         self.rng = random.Random()
-        self.store = PaymentStore(settings.store_size)
+        self.store = RefundingStore(settings.store_size)  # PaymentStore + refunds (Part II)
         self.stats = ActivityStats(settings.currencies, clock)  # PaymentStats + the console's
         self.scenarios = ScenarioControl(settings, clock)  # ScenarioBoard + start/stop, schedule
         self.metrics = PaymentMetrics(settings.currencies, self.stats, self.scenarios)
         self.exporter = make_exporter(settings, self.metrics)  # an InfluxWriter, or disabled
         self.tracer = make_tracer(settings, self.metrics)  # tracing.py, or DisabledTracer
-        self.processor = PaymentProcessor(settings, self.metrics, self.stats, self.store,
-                                          self.exporter, clock, self.tracer)
+        self.processor = RefundingProcessor(settings, self.metrics, self.stats, self.store,
+                                            self.exporter, clock, self.tracer)  # + refunds
         self.simulator = Simulator(settings, self.processor, self.scenarios, self.metrics,
                                    monotonic)
         # Part II from here: remembered answers, requests counted for a graceful stop
@@ -2682,7 +2616,7 @@ class IdempotencyKeys:
 
 # ---------------------------------------------------------------- refunds
 # A second flow beside the payment's: POST /api/payments/{id}/refunds and the simulator's
-# refunds go through PaymentProcessor.refund, which checks the store, counts and exports.
+# refunds go through RefundingProcessor.refund, which checks the store, counts and exports.
 
 
 @dataclass(frozen=True, slots=True)
@@ -2737,6 +2671,84 @@ def draw_refund(rng, amount):
         part = Decimal(f"{float(amount) * rng.uniform(*PARTIAL_REFUND):.2f}")
         refund_amount = max(part, Decimal("0.01"))
     return rng.uniform(*REFUND_AFTER), refund_amount
+
+
+class RefundingStore(PaymentStore):
+    """The PaymentStore with refunds: each checked and recorded under the store's lock, and as
+    many in all as payments, so memory stays flat however many refunds clients make."""
+
+    def refund(self, payment_id, amount, make_refund):
+        """Check and record a refund of `amount` (None: all that remains) at once, so racing
+        refunds never return more than was paid. Returns the refund and its payment."""
+        with self._lock:
+            payment = self._payments.get(payment_id)
+            if payment is None:
+                raise NotFound("payment not found", paymentId=payment_id[:ECHO_LIMIT])
+            if not payment.succeeded:
+                raise Conflict("only a completed payment can be refunded; "
+                               f"this one is {payment.status}")
+            remaining = payment.request.amount - payment.refunded
+            if remaining <= 0:
+                raise Conflict("nothing left to refund on this payment")
+            if len(payment.refunds) == MAX_REFUNDS - 1 and amount not in (None, remaining):
+                raise Unprocessable(f"a payment can have at most {MAX_REFUNDS} refunds: the "
+                                    f"last one returns all that remains ({remaining})",
+                                    field="amount", refundable=float(remaining))
+            if amount is not None and amount > remaining:
+                raise Unprocessable(f"at most {remaining} {payment.request.currency} remains "
+                                    "to refund", field="amount", refundable=float(remaining))
+            refund = make_refund(payment, remaining if amount is None else amount)
+            payment.refunds += (refund,)
+            self._refunds += 1
+            if self._refunds > self.capacity:
+                self._forget_oldest_refunded(besides=payment_id)
+            return refund, payment
+
+    def _forget_oldest_refunded(self, besides):
+        """Over the refund budget: the oldest payment with refunds (not `besides`) makes room."""
+        for payment_id, kept in self._payments.items():
+            if kept.refunds and payment_id != besides:
+                del self._payments[payment_id]  # and no further step of this loop
+                self._refunds -= len(kept.refunds)
+                return
+
+
+class RefundingProcessor(PaymentProcessor):
+    """The PaymentProcessor with refunds: each counted, kept with its payment and exported."""
+
+    def refund(self, payment_id, amount, source):
+        """Refund `amount` (None: all that remains) of a completed payment."""
+        def make_refund(payment, refund_amount):
+            return Refund(f"re_{new_span_id()}", payment.payment_id, refund_amount,
+                          payment.request.currency, source, self._clock())
+        refund, payment = self.store.refund(payment_id, amount, make_refund)
+        self.metrics.record_refund(refund)
+        self.stats.record_refund(refund)
+        if self.exporter.enabled:
+            self.exporter.export(refund_line(refund, payment, self.settings.instance))
+        return refund, payment
+
+
+class RefundEndpoints:
+    """POST /api/payments/{id}/refunds, attached to the handler the service runs."""
+
+    def create_refund(self, payment_id):
+        """POST /api/payments/{id}/refunds: all that remains, or `amount` of it."""
+        document = self.read_object(required=False)  # no body, or null: refund all that remains
+        unknown = sorted(set(document) - {"amount"})
+        if unknown:  # a misspelt "amount" must not refund everything
+            raise InvalidField(unknown[0][:40], f"unknown field {unknown[0][:40]!r}; a refund "
+                               "takes only 'amount' (leave it out to refund all that remains)")
+        amount = document.get("amount")
+        if amount is not None:
+            amount = validate_amount(amount)
+        app = self.server.app
+        refund = functools.partial(app.processor.refund, payment_id, amount, "api")
+        # every Idempotency-Key header (two are refused); an empty one is as if none were sent
+        key = ",".join(self.headers.get_all("Idempotency-Key", [])) or None
+        if key is not None:  # a retry gets the first answer, not a second refund (Part II)
+            return app.idempotency.answer_once(self, key, amount, refund, refund_answer)
+        self.send_json(*refund_answer(refund()))
 
 # ---------------------------------------------------------------- the exporter's states and stop
 
@@ -3283,8 +3295,8 @@ class CheckEndpoints:
         return body.decode("utf-8", errors="replace")  # as exercises.py reads a file
 
 
-class GuardedHandler(ConnectionGuards, PlainRequestHeads, ListingEndpoints, ControlEndpoints,
-                     CheckEndpoints, PaymentHandler):
+class GuardedHandler(ConnectionGuards, PlainRequestHeads, RefundEndpoints, ListingEndpoints,
+                     ControlEndpoints, CheckEndpoints, PaymentHandler):
     """The handler the service runs: Part I's PaymentHandler with the guards and endpoints of
     Part II attached."""
 
