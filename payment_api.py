@@ -10,8 +10,10 @@ How to read this file. Part I is the course path: one payment, in the order it t
   2. the request   the JSON body and the headers, validated; client mistakes become 4xx answers
   3. the payment   what a payment is, where it sits in a trace, and the store of recent ones
   4. processing    PaymentProcessor: the one path for API and simulated payments alike
-  5. metrics       every Prometheus metric, in one registry the app owns
-  6. exports       the InfluxDB line, the batching writer, the log line (traces: tracing.py)
+  5. metrics       PaymentStats (the figures of /stats and the gauges) and every payment
+                   metric, in one registry the app owns (tracing.py adds its own)
+  6. exports       the InfluxDB line, the batching writer, the log line's fields (the trace:
+                   tracing.py, an optional extra)
   7. HTTP          the routing table and the handler: POST /api/payments starts here
   8. simulator     the incident scenarios, and the thread that makes payments on its own
   9. application   PaymentApp wires the parts and owns start and stop; main()
@@ -22,11 +24,25 @@ PaymentLog.write (the log line) -> payment_answer -> the answer. A request with 
 Idempotency-Key runs the same pay inside IdempotencyKeys.answer_once (Part II), which remembers
 the answer for a retry.
 
+How a payment ended is spelled three ways, as the course's contract has it: `status` in answers,
+the store and the log is completed, declined or failed; its `outcome` (success, declined,
+failed) is the `status` label of payment_amount and payment_duration_seconds and the `status`
+tag in InfluxDB; and payment_requests_total's `status` label is the HTTP code (200, 402, 500,
+503, or the 4xx of a request refused before it was paid). Answers also say "success": true or
+false, and the totals of /api/payments/stats count a completed payment as "succeeded".
+
+PaymentApp runs Part I with Part II attached: ActivityStats, ScenarioControl, RefundingStore,
+RefundingProcessor, InfluxExporter and GuardedServer are PaymentStats, ScenarioBoard,
+PaymentStore, PaymentProcessor, InfluxWriter and PaymentServer with what Part II adds, and the
+server's GuardedHandler is PaymentHandler with the guards and Part II's endpoints. With
+INFLUXDB_URL empty (or influxdb-client missing) the exporter is a DisabledExporter.
+
 Part II, the machinery, keeps the service safe and fast without changing that path: connection
 guards (deadlines, framing, fair shares, cross-site refusals, a cap with an overflow), idempotency
 keys, refunds, the exporter's states and stop, listing and the console's activity, students'
-checks (exercises.py), scenario control, traffic shapes and fast draws, and start-up plumbing.
-Each piece attaches to Part I as a subclass or a small hook, so Part I reads without it.
+checks (exercises.py), scenario control, traffic shapes and fast draws, the JSON payment line
+rendered fast, and start-up plumbing. Each piece attaches to Part I as a subclass, a small
+hook, or a function Part I calls by name, so Part I reads without it.
 """
 import base64
 import bisect
@@ -294,7 +310,8 @@ class Settings:
 
 PAYMENT_TYPES = ("standard", "express", "recurring")
 PAYMENT_METHODS = ("card", "bank_transfer", "wallet")
-# completed, declined, failed, refused during an outage
+# payment_requests_total's status codes of a paid request: completed, declined, failed,
+# refused during an outage
 OUTCOME_STATUSES = ("200", "402", "500", "503")
 # a payment's status in answers, the store and filters
 PAYMENT_STATUSES = ("completed", "declined", "failed")
@@ -396,15 +413,6 @@ def luhn_valid(digits):
     return total % 10 == 0
 
 
-def label_values(document, currencies):
-    """(type, currency) labels of a request: what it named if valid, else INVALID, never new."""
-    if not isinstance(document, dict):
-        return INVALID, INVALID
-    payment_type = known_type(document.get("type", "standard")) or INVALID
-    currency = known_currency(document.get("currency", "USD"), currencies) or INVALID
-    return payment_type, currency
-
-
 @dataclass(frozen=True)
 class Fault:
     """A fault a student asks for with X-Simulate-Failure / X-Simulate-Latency headers."""
@@ -425,7 +433,8 @@ def parse_json(body):
 
 
 def validate_payment(document, currencies, rng):
-    """The PaymentRequest a JSON body asks for, or InvalidField naming the first wrong field."""
+    """The PaymentRequest a JSON body asks for, or InvalidField naming the first wrong field.
+    A body without customerId is paid by one of the simulator's customers, drawn with `rng`."""
     if not isinstance(document, dict):
         raise MalformedBody("body must be a JSON object")
     amount = validate_amount(document.get("amount"))
@@ -475,6 +484,15 @@ def known_type(value):
     if isinstance(value, str) and value.isascii() and value.lower() in PAYMENT_TYPES:
         return value.lower()
     return None
+
+
+def label_values(document, currencies):
+    """(type, currency) labels of a request: what it named if valid, else INVALID, never new."""
+    if not isinstance(document, dict):
+        return INVALID, INVALID
+    payment_type = known_type(document.get("type", "standard")) or INVALID
+    currency = known_currency(document.get("currency", "USD"), currencies) or INVALID
+    return payment_type, currency
 
 
 def validate_card(document, method):
@@ -553,8 +571,9 @@ class Step(NamedTuple):
     error: str = None  # why it failed, on the step that failed
 
 
-PAYMENT_STATUS = {200: "completed", 402: "declined"}  # any other HTTP status: failed
-PAYMENT_OUTCOME = {200: "success", 402: "declined"}  # any other: failed
+# how a payment ended, by its HTTP status (any other: failed); see the map at the top
+PAYMENT_STATUS = {200: "completed", 402: "declined"}  # answers, the store, the log line
+PAYMENT_OUTCOME = {200: "success", 402: "declined"}  # metric labels and InfluxDB tags
 OUTAGE_REASON = "payment service unavailable (outage scenario)"
 
 
@@ -585,7 +604,8 @@ class Payment:
 
     @property
     def steps(self):
-        """The processing Steps, spans of its trace: worked out when asked for, not kept."""
+        """The processing Steps, spans of its trace: worked out when asked for, not kept
+        (processing_steps, section 4)."""
         usual_time = self.processing_time if self.usual_time is None else self.usual_time
         return processing_steps(self.http_status, self.processing_time, usual_time,
                                 self.failure_reason)
@@ -665,10 +685,11 @@ class PaymentProcessor:
         self.exporter = exporter
         self._clock = clock
         self.tracer = tracer
-        self.payment_log = PaymentLog(settings.log_format)
+        self.payment_log = PaymentLog(settings.log_format)  # section 6
 
     def pay(self, request, rng, effects, fault, trace, wait):
-        """An API payment from start to end: begin, wait its processing time, finish."""
+        """An API payment from start to end: begin, wait its processing time, finish. `wait`
+        is the app's abort_waits.wait: it sleeps, unless a stop that runs out of time ends it."""
         payment = self.begin(request, rng, "api", effects, fault, trace)
         wait(payment.processing_time)
         return self.finish(payment)
@@ -734,13 +755,16 @@ def draw_outcome(rng, request, settings, effects, fault=Fault()):
         decline_rate = settings.decline_rate
     declined = request.decline_code is not None
     declined = declined or (request.method == "card" and rng.random() < decline_rate)
+    # an outage refuses the payment at once: no processing time, so it counts at 0 s in
+    # payment_duration_seconds (as failed) and as "503" in payment_requests_total
     if effects.outage:
         return 503, 0.0, 0.0
     if fault.latency is not None:
         processing_time = usual_time = fault.latency
     status = 500 if fails else 402 if declined else 200
     processing_time = min(processing_time, MAX_PROCESSING_SECONDS)
-    return status, processing_time, min(processing_time, usual_time)  # equal: one float, kept once
+    # nothing slowed it: usual_time is the very same float, so the Payment keeps one
+    return status, processing_time, min(processing_time, usual_time)
 
 
 class DisabledTracer:
@@ -819,7 +843,7 @@ class PaymentStats:
         self._daily_revenue = {}
         # second -> [completed, failed, declined], for the last ACTIVITY_SECONDS
         self._recent = {}
-        # completion times and processing times, side by side (no tuple a payment)
+        # completion times and processing times in two deques (cheaper than a tuple each)
         self._recent_ends = deque(maxlen=self.RECENT_TIMES)
         self._recent_times = deque(maxlen=self.RECENT_TIMES)
         self.active = 0
@@ -1017,7 +1041,7 @@ class PaymentMetrics:
         self.requests.labels("POST", str(status), payment_type, currency).inc()
 
 
-# ---------------------------------------------------------------- 6. exports: InfluxDB, log, trace
+# ---------------------------------------------------------------- 6. exports: InfluxDB, log
 
 
 POOL_CUSTOMER = re.compile(r"cust_[0-9]{5}")  # ids InfluxDB may tag; any other is "other"
@@ -1041,8 +1065,11 @@ def customer_tag(request):
 
 class InfluxWriter:
     """Writes one point per payment through influxdb-client's batching WriteApi: export() only
-    queues the line, so a payment never waits for InfluxDB. The exporter of Part II adds what
-    an unreliable network needs (states, a bounded stop)."""
+    queues the line, so a payment never waits for InfluxDB. When InfluxDB is down, a batch is
+    retried with backoff for up to about 2 minutes, then given up and counted as dropped; past
+    INFLUXDB_BUFFER_SIZE points waiting, new ones are dropped and counted at once. The service
+    runs Part II's InfluxExporter: this, with InfluxDB's state (logged once a change, shown in
+    /health) and a stop that never waits long."""
     enabled = True
     RETRIES = {"retry_interval": 1_000, "exponential_base": 2, "max_retry_delay": 5_000,
                "max_retries": 8, "max_retry_time": 120_000}  # ms: about 30 s, 2 minutes at most
@@ -1120,9 +1147,9 @@ def log_fields(payment):
 
 
 class PaymentLog:
-    """Writes the `payment` event of every payment to stdout, where every event goes. It is the
-    service's busiest line, so a JSON one (the default LOG_FORMAT) is rendered at once: the
-    line LogFormatter would write for log_fields(payment), without a LogRecord or a dict."""
+    """Writes the `payment` event of every payment to stdout, where every event goes: the
+    fields of log_fields(payment). It is the service's busiest line, so a JSON one (the default
+    LOG_FORMAT) is rendered at once by json_log_line (Part II), without a LogRecord or a dict."""
 
     def __init__(self, style):
         self.style = style
@@ -1149,28 +1176,24 @@ class PaymentLog:
             pass
 
 
-# a str as a JSON string, escaped as json.dumps escapes it
-json_text = json.encoder.encode_basestring_ascii
+class DisabledExporter:
+    """Stands in for InfluxDB export when it is off: same interface, does nothing."""
+    enabled = False
 
+    def __init__(self, reason):
+        self.reason = reason
 
-def json_log_line(payment, now):
-    """log_fields(payment) as the JSON line of a `payment` event at `now`, keys in that order.
-    Ids, statuses, currencies and types are plain ASCII; a customer id or a reason is escaped
-    as json.dumps would."""
-    request = payment.request
-    line = (f'{{"time": "{iso_utc(now)}", "level": "info", "event": "payment", '
-            f'"trace_id": "{payment.trace.trace_id}", "span_id": "{payment.trace.span_id}", '
-            f'"payment_id": "{payment.payment_id}", "status": "{payment.status}", '
-            f'"http_status": {payment.http_status}, "amount": {float(request.amount)!r}, '
-            f'"currency": "{request.currency}", "type": "{request.type}", '
-            f'"method": "{request.method}", "customer_id": {json_text(request.customer_id)}, '
-            f'"source": "{payment.source}", '
-            f'"processing_seconds": {round(payment.processing_time, 4)!r}')
-    if payment.decline_code:
-        line += f', "decline_code": "{payment.decline_code}"'
-    if payment.failure_reason:
-        line += f', "reason": {json_text(payment.failure_reason)}'
-    return line + "}\n"
+    def start(self):
+        pass
+
+    def export(self, line):
+        pass
+
+    def health(self):
+        return {"state": "disabled", "reason": self.reason}
+
+    def close(self, timeout):
+        pass
 
 
 # ---------------------------------------------------------------- 7. HTTP
@@ -1432,15 +1455,6 @@ class PaymentHandler(BaseHTTPRequestHandler):
             error.headers["WWW-Authenticate"] = "Bearer"
             raise error
 
-    def read_object(self, required=True):
-        """The body as a JSON object; {} when optional and absent (or null); else 400."""
-        document = self.read_json(required)
-        if document is None and not required:
-            return {}
-        if not isinstance(document, dict):
-            raise MalformedBody("body must be a JSON object")
-        return document
-
     # -- the payment endpoints
 
     def create_payment(self):
@@ -1456,7 +1470,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
             app.processor.reject(error, document)
             raise
         trace = trace_context(self.headers.get_all("traceparent", []))
-        self.trace = trace
+        self.trace = trace  # the access line names it, even if paying fails
         pay = functools.partial(app.processor.pay, request, app.rng, effects, fault, trace,
                                 app.abort_waits.wait)
         # every Idempotency-Key header (two are refused); an empty one is as if none were sent
@@ -1500,6 +1514,15 @@ class PaymentHandler(BaseHTTPRequestHandler):
             raise MalformedBody("the connection closed before the whole body arrived")
         self.body_unread = False
         return body
+
+    def read_object(self, required=True):
+        """The body as a JSON object; {} when optional and absent (or null); else 400."""
+        document = self.read_json(required)
+        if document is None and not required:
+            return {}
+        if not isinstance(document, dict):
+            raise MalformedBody("body must be a JSON object")
+        return document
 
 
 class PaymentServer(ThreadingHTTPServer):
@@ -1600,6 +1623,8 @@ class ScenarioBoard:
             return {name: name in self._running for name in SCENARIOS}
 
 
+# the mix of simulated payments; draw_request picks with them, added up once in TYPE_CHOICE,
+# METHOD_CHOICE, AMOUNT_BAND_CHOICE and currency_choice() (Part II, fast draws)
 CURRENCY_WEIGHTS = {"EUR": 50, "USD": 30, "GBP": 20}  # other configured currencies weigh 10
 TYPE_WEIGHTS = (70, 20, 10)  # standard, express, recurring
 METHOD_WEIGHTS = (75, 15, 10)  # card, bank_transfer, wallet
@@ -1612,6 +1637,7 @@ BURST_LENGTH = 6.0  # 6 s
 BURST_FACTOR = 4.0  # at 4 times the rate
 MAX_LAG_SECONDS = 5.0
 TICK_SECONDS = 0.005  # the scheduler sleeps at least this long: high rates come in batches
+DAY_SECONDS = 86400  # a diurnal profile of this period follows the UTC clock and the week
 
 
 def profile_factor(profile, elapsed, period, utc=None, seed=None):
@@ -1643,7 +1669,8 @@ def draw_request(rng, currencies):
 
 
 class Simulator:
-    """Makes Poisson-distributed payments through the PaymentProcessor, as clients would.
+    """Makes Poisson-distributed payments through the PaymentProcessor, as clients would (and
+    refunds some later, through the app's RefundingProcessor, Part II).
 
     One thread: arrivals are drawn ahead on a schedule, and payments that are 'processing' wait
     in a heap until their completion time, so thousands are in flight without a thread each.
@@ -1743,6 +1770,7 @@ class Simulator:
         while self._in_flight and self._in_flight[0][0] <= now:
             completed_at, sequence, payment = heapq.heappop(self._in_flight)
             self.processor.finish(payment, finished)
+            # a few are refunded minutes later (draw_refund, Part II, refunds)
             refund = payment.succeeded and draw_refund(self._rng, payment.request.amount)
             if refund:
                 delay, amount = refund
@@ -1754,7 +1782,7 @@ class Simulator:
         while self._refunds_due and self._refunds_due[0][0] <= now:
             _, _, payment_id, amount = heapq.heappop(self._refunds_due)
             try:
-                self.processor.refund(payment_id, amount, "simulator")
+                self.processor.refund(payment_id, amount, "simulator")  # Part II, refunds
             except ClientError:  # the payment left the store, or a student refunded it already
                 pass
 
@@ -2769,8 +2797,9 @@ class InfluxExporter(InfluxWriter):
     """The InfluxWriter, with InfluxDB's state (connecting, up, unreachable, refusing) logged
     once a change, and a stop that never waits long for an InfluxDB that is gone.
 
-    Points wait in the client's buffer (bounded by INFLUXDB_BUFFER_SIZE) while InfluxDB is slow
-    or down, are retried with exponential backoff, and every point given up is counted.
+    While InfluxDB is slow or down, points wait (at most INFLUXDB_BUFFER_SIZE of them), batches
+    are retried with exponential backoff for up to about 2 minutes, and every point given up is
+    counted.
     """
 
     def __init__(self, settings, metrics):
@@ -2857,26 +2886,6 @@ def make_exporter(settings, metrics):
     except ImportError:
         return DisabledExporter("the influxdb-client package is not installed")
     return InfluxExporter(settings, metrics)
-
-
-class DisabledExporter:
-    """Stands in for InfluxDB export when it is off: same interface, does nothing."""
-    enabled = False
-
-    def __init__(self, reason):
-        self.reason = reason
-
-    def start(self):
-        pass
-
-    def export(self, line):
-        pass
-
-    def health(self):
-        return {"state": "disabled", "reason": self.reason}
-
-    def close(self, timeout):
-        pass
 
 # ---------------------------------------------------------------- listing and the console
 
@@ -3389,7 +3398,6 @@ def parse_schedule(text):
 # weights are added up once: the simulator's draw_request and the history call them.
 
 
-DAY_SECONDS = 86400  # a diurnal profile of this period follows the UTC clock and the week
 NIGHT_FACTOR = 0.2  # the diurnal profile at midnight, every day alike
 WEEKEND_SHARE = 0.65  # a Saturday's or Sunday's daytime traffic against a weekday's
 DAY_VARIATION = 0.1  # each day's daytime traffic, seeded, up to 10 % more or less
@@ -3445,6 +3453,34 @@ METHOD_CHOICE = weighted(PAYMENT_METHODS, METHOD_WEIGHTS)
 def currency_choice(currencies):
     """The configured currencies (a tuple), weighted as CURRENCY_WEIGHTS says."""
     return weighted(currencies, [CURRENCY_WEIGHTS.get(code, 10) for code in currencies])
+
+# ---------------------------------------------------------------- the JSON payment line, fast
+# PaymentLog writes a `payment` line for every payment: in JSON (the default) it is rendered
+# here with an f-string, byte for byte what LogFormatter writes for log_fields(payment).
+
+
+# a str as a JSON string, escaped as json.dumps escapes it
+json_text = json.encoder.encode_basestring_ascii
+
+
+def json_log_line(payment, now):
+    """log_fields(payment) as the JSON line of a `payment` event at `now`, keys in that order.
+    Ids, statuses, currencies and types are plain ASCII; a customer id or a reason is escaped
+    as json.dumps would."""
+    request = payment.request
+    line = (f'{{"time": "{iso_utc(now)}", "level": "info", "event": "payment", '
+            f'"trace_id": "{payment.trace.trace_id}", "span_id": "{payment.trace.span_id}", '
+            f'"payment_id": "{payment.payment_id}", "status": "{payment.status}", '
+            f'"http_status": {payment.http_status}, "amount": {float(request.amount)!r}, '
+            f'"currency": "{request.currency}", "type": "{request.type}", '
+            f'"method": "{request.method}", "customer_id": {json_text(request.customer_id)}, '
+            f'"source": "{payment.source}", '
+            f'"processing_seconds": {round(payment.processing_time, 4)!r}')
+    if payment.decline_code:
+        line += f', "decline_code": "{payment.decline_code}"'
+    if payment.failure_reason:
+        line += f', "reason": {json_text(payment.failure_reason)}'
+    return line + "}\n"
 
 # ---------------------------------------------------------------- start-up plumbing
 
