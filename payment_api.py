@@ -28,8 +28,8 @@ How a payment ended is spelled three ways, as the course's contract has it: `sta
 the store and the log is completed, declined or failed; its `outcome` (success, declined,
 failed) is the `status` label of payment_amount and payment_duration_seconds and the `status`
 tag in InfluxDB; and payment_requests_total's `status` label is the HTTP code (200, 402, 500,
-503, or the 4xx of a request refused before it was paid). Answers also say "success": true or
-false, and the totals of /api/payments/stats count a completed payment as "succeeded".
+503, or the 4xx of a body create_payment refused; the guards' refusals are not counted).
+Answers also say "success": true or false, and /api/payments/stats counts "succeeded".
 
 PaymentApp runs Part I with Part II attached: ActivityStats, ScenarioControl, RefundingStore,
 RefundingProcessor, InfluxExporter and GuardedServer are PaymentStats, ScenarioBoard,
@@ -969,6 +969,7 @@ class PaymentMetrics:
         key = (payment.http_status, request.type, request.currency)
         series = self._series.get(key)
         if series is None:  # a bounded set: every label value is a validated one
+            # a simulated payment counts as a POST too: the course's queries see every payment
             series = (self.requests.labels("POST", str(payment.http_status), request.type,
                                            request.currency),
                       self.amount.labels(request.currency, payment.outcome),
@@ -1021,7 +1022,8 @@ class PaymentMetrics:
                                     "Points waiting to be written to InfluxDB", registry=registry)
 
     def create_series(self, currencies):
-        """Series exist from the first scrape, so rate() works at once."""
+        """The series of requests, durations, refunds and repeated keys exist from the first
+        scrape, so rate() works at once."""
         for payment_type in PAYMENT_TYPES:
             for currency in currencies:
                 for status in OUTCOME_STATUSES:
@@ -1066,7 +1068,7 @@ def customer_tag(request):
 class InfluxWriter:
     """Writes one point per payment through influxdb-client's batching WriteApi: export() only
     queues the line, so a payment never waits for InfluxDB. When InfluxDB is down, a batch is
-    retried with backoff for up to about 2 minutes, then given up and counted as dropped; past
+    retried with backoff (8 times over about 30 s), then given up and counted as dropped; past
     INFLUXDB_BUFFER_SIZE points waiting, new ones are dropped and counted at once. The service
     runs Part II's InfluxExporter: this, with InfluxDB's state (logged once a change, shown in
     /health) and a stop that never waits long."""
@@ -1898,8 +1900,8 @@ def main(argv=None):
 
 
 # ================================================================ PART II: THE MACHINERY
-# What keeps the course path safe and fast. Nothing above needs it to be read; each piece
-# attaches to Part I as a subclass, a mixin or a small hook.
+# What keeps the course path safe and fast. Part I reads without it, and the service runs both:
+# each piece attaches to Part I as a subclass, a mixin, or a function Part I calls by name.
 # ---------------------------------------------------------------- connection guards
 
 
@@ -2798,7 +2800,7 @@ class InfluxExporter(InfluxWriter):
     once a change, and a stop that never waits long for an InfluxDB that is gone.
 
     While InfluxDB is slow or down, points wait (at most INFLUXDB_BUFFER_SIZE of them), batches
-    are retried with exponential backoff for up to about 2 minutes, and every point given up is
+    are retried with exponential backoff (8 times over about 30 s), and every point given up is
     counted.
     """
 
@@ -3466,7 +3468,7 @@ json_text = json.encoder.encode_basestring_ascii
 def json_log_line(payment, now):
     """log_fields(payment) as the JSON line of a `payment` event at `now`, keys in that order.
     Ids, statuses, currencies and types are plain ASCII; a customer id or a reason is escaped
-    as json.dumps would."""
+    as json.dumps would. A test keeps it equal to LogFormatter's line, field by field."""
     request = payment.request
     line = (f'{{"time": "{iso_utc(now)}", "level": "info", "event": "payment", '
             f'"trace_id": "{payment.trace.trace_id}", "span_id": "{payment.trace.span_id}", '
