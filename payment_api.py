@@ -2776,7 +2776,7 @@ class RefundEndpoints:
         refund = functools.partial(app.processor.refund, payment_id, amount, "api")
         # every Idempotency-Key header (two are refused); an empty one is as if none were sent
         key = ",".join(self.headers.get_all("Idempotency-Key", [])) or None
-        if key is not None:  # a retry gets the first answer, not a second refund (Part II)
+        if key is not None:  # a retry gets the first answer, not a second refund (see above)
             return app.idempotency.answer_once(self, key, amount, refund, refund_answer)
         self.send_json(*refund_answer(refund()))
 
