@@ -1457,7 +1457,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
             error.headers["WWW-Authenticate"] = "Bearer"
             raise error
 
-    # -- the payment endpoints
+    # -- the payment endpoint (a refund's is in Part II, refunds)
 
     def create_payment(self):
         """POST /api/payments: validate, process (taking its processing time), answer."""
