@@ -1462,6 +1462,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
     def create_payment(self):
         """POST /api/payments: validate, process (taking its processing time), answer."""
         app = self.server.app
+        key = self.idempotency_key()
         effects = app.scenarios.effects()  # the incidents running as the payment arrives
         document = None
         try:
@@ -1475,13 +1476,16 @@ class PaymentHandler(BaseHTTPRequestHandler):
         self.trace = trace  # the access line names it, even if paying fails
         pay = functools.partial(app.processor.pay, request, app.rng, effects, fault, trace,
                                 app.abort_waits.wait)
-        # every Idempotency-Key header (two are refused); an empty one is as if none were sent
-        key = ",".join(self.headers.get_all("Idempotency-Key", [])) or None
         if key is not None:  # a retry gets the first answer, not a second payment (Part II)
             return app.idempotency.answer_once(self, key, request, pay, payment_answer)
         payment = pay()
         self.trace = payment.trace  # sampled or not, as the tracer decided
         self.send_json(*payment_answer(payment))
+
+    def idempotency_key(self):
+        """Every Idempotency-Key header, joined (answer_once refuses two); an empty one is as if
+        none were sent: None."""
+        return ",".join(self.headers.get_all("Idempotency-Key", [])) or None
 
     # -- reading a body
 
@@ -2774,8 +2778,7 @@ class RefundEndpoints:
             amount = validate_amount(amount)
         app = self.server.app
         refund = functools.partial(app.processor.refund, payment_id, amount, "api")
-        # every Idempotency-Key header (two are refused); an empty one is as if none were sent
-        key = ",".join(self.headers.get_all("Idempotency-Key", [])) or None
+        key = self.idempotency_key()
         if key is not None:  # a retry gets the first answer, not a second refund (see above)
             return app.idempotency.answer_once(self, key, amount, refund, refund_answer)
         self.send_json(*refund_answer(refund()))
