@@ -40,9 +40,10 @@ INFLUXDB_URL empty (or influxdb-client missing) the exporter is a DisabledExport
 Part II, the machinery, keeps the service safe and fast without changing that path: connection
 guards (deadlines, framing, fair shares, cross-site refusals, a cap with an overflow), idempotency
 keys, refunds, the exporter's states and stop, listing and the console's activity, students'
-checks (exercises.py), scenario control, traffic shapes and fast draws, the JSON payment line
-rendered fast, and start-up plumbing. Each piece attaches to Part I as a subclass, a small
-hook, or a function Part I calls by name, so Part I reads without it.
+checks (exercises.py) and the admin token, scenario control, traffic shapes and fast draws, the
+steps a trace shows (tracing.py), the JSON payment line rendered fast, and start-up plumbing.
+Each piece attaches to Part I as a subclass, a small hook, or a function Part I calls by name, so
+Part I reads without it.
 """
 import base64
 import bisect
@@ -563,14 +564,6 @@ def new_span_id():
     return f"{random.getrandbits(64):016x}"
 
 
-class Step(NamedTuple):
-    """One step of processing a payment, a span of its trace: validation, fraud_check or
-    bank_authorization."""
-    name: str
-    seconds: float
-    error: str = None  # why it failed, on the step that failed
-
-
 # how a payment ended, by its HTTP status (any other: failed); see the map at the top
 PAYMENT_STATUS = {200: "completed", 402: "declined"}  # answers, the store, the log line
 PAYMENT_OUTCOME = {200: "success", 402: "declined"}  # metric labels and InfluxDB tags
@@ -605,7 +598,7 @@ class Payment:
     @property
     def steps(self):
         """The processing Steps, spans of its trace: worked out when asked for, not kept
-        (processing_steps, section 4)."""
+        (processing_steps, Part II, trace steps)."""
         usual_time = self.processing_time if self.usual_time is None else self.usual_time
         return processing_steps(self.http_status, self.processing_time, usual_time,
                                 self.failure_reason)
@@ -785,22 +778,6 @@ class DisabledTracer:
 
     def close(self, timeout):
         pass
-
-
-# Shares of a payment's usual processing time; the bank takes the rest, and all of a slowdown
-# (a slow bank, the latency_degradation scenario), so a slow trace shows where the time went
-STEP_SHARES = {"validation": 0.08, "fraud_check": 0.22}
-
-
-def processing_steps(status, processing_time, usual_time, error=None):
-    """The Steps a payment's processing time splits into (their seconds add up to it), the
-    failing one with why (`error`)."""
-    if status == 503:  # refused before any step began
-        return ()
-    validation = Step("validation", usual_time * STEP_SHARES["validation"])
-    fraud_check = Step("fraud_check", usual_time * STEP_SHARES["fraud_check"])
-    bank_seconds = max(processing_time - validation.seconds - fraud_check.seconds, 0.0)
-    return validation, fraud_check, Step("bank_authorization", bank_seconds, error)
 
 
 def failure_reason(request, effects, fault, currencies):
@@ -1254,12 +1231,6 @@ def utc_second(whole_seconds):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole_seconds))
 
 
-@functools.lru_cache(maxsize=2)
-def http_date(whole_seconds):
-    """Sat, 05 Dec 2026 21:00:00 GMT: an HTTP Date header."""
-    return email.utils.formatdate(whole_seconds, usegmt=True)
-
-
 def routes_by_plain_path(routes):
     """{path: [(route, match)]} for the routes without path parameters, so most requests are
     found without trying every pattern; /api/scenarios/history is never taken for a name."""
@@ -1373,8 +1344,14 @@ class PaymentHandler(BaseHTTPRequestHandler):
     def date_time_string(self, timestamp=None):
         """The Date header of every answer, formatted once a second, not once an answer."""
         if timestamp is None:
-            return http_date(int(time.time()))
+            return self.http_date(int(time.time()))
         return super().date_time_string(timestamp)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=2)
+    def http_date(whole_seconds):
+        """Sat, 05 Dec 2026 21:00:00 GMT: an HTTP Date header."""
+        return email.utils.formatdate(whole_seconds, usegmt=True)
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server itself (a bad request line, headers too long) are JSON."""
@@ -1435,7 +1412,7 @@ class PaymentHandler(BaseHTTPRequestHandler):
         allowed = []
         for (route_method, _, name, needs_admin), match in matches:
             if route_method == method:
-                if needs_admin:
+                if needs_admin:  # a trainer's change (ControlEndpoints, Part II)
                     self.check_admin_token()
                 return getattr(self, name), match.groupdict()
             if route_method not in allowed:
@@ -1447,15 +1424,6 @@ class PaymentHandler(BaseHTTPRequestHandler):
                                  f"{path[:ECHO_LIMIT]}", allowed=allowed)
         error.headers["Allow"] = ", ".join(allowed)
         raise error
-
-    def check_admin_token(self):
-        token = self.server.app.settings.admin_token
-        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
-        given_token = given.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
-        if token and not hmac.compare_digest(given_token, token.encode()):
-            error = Unauthorized("this change needs 'Authorization: Bearer <ADMIN_TOKEN>'")
-            error.headers["WWW-Authenticate"] = "Bearer"
-            raise error
 
     # -- the payment endpoint (a refund's is in Part II, refunds)
 
@@ -3093,6 +3061,16 @@ class ControlEndpoints:
     """A handler mixin: what trainers change while a class runs, the simulator and the
     incident scenarios (changes need ADMIN_TOKEN when it is set)."""
 
+    def check_admin_token(self):
+        """A route that needs ADMIN_TOKEN (find_route asks): 401 without it, when it is set."""
+        token = self.server.app.settings.admin_token
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        given_token = given.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
+        if token and not hmac.compare_digest(given_token, token.encode()):
+            error = Unauthorized("this change needs 'Authorization: Bearer <ADMIN_TOKEN>'")
+            error.headers["WWW-Authenticate"] = "Bearer"
+            raise error
+
     def get_simulation(self):
         self.send_json(200, dict(self.server.app.simulator.config))
 
@@ -3458,6 +3436,33 @@ METHOD_CHOICE = weighted(PAYMENT_METHODS, METHOD_WEIGHTS)
 def currency_choice(currencies):
     """The configured currencies (a tuple), weighted as CURRENCY_WEIGHTS says."""
     return weighted(currencies, [CURRENCY_WEIGHTS.get(code, 10) for code in currencies])
+
+# ---------------------------------------------------------------- trace steps
+# tracing.py draws a sampled payment's processing as spans: Payment.steps gives them.
+
+
+class Step(NamedTuple):
+    """One step of processing a payment, a span of its trace: validation, fraud_check or
+    bank_authorization."""
+    name: str
+    seconds: float
+    error: str = None  # why it failed, on the step that failed
+
+
+# Shares of a payment's usual processing time; the bank takes the rest, and all of a slowdown
+# (a slow bank, the latency_degradation scenario), so a slow trace shows where the time went
+STEP_SHARES = {"validation": 0.08, "fraud_check": 0.22}
+
+
+def processing_steps(status, processing_time, usual_time, error=None):
+    """The Steps a payment's processing time splits into (their seconds add up to it), the
+    failing one with why (`error`)."""
+    if status == 503:  # refused before any step began
+        return ()
+    validation = Step("validation", usual_time * STEP_SHARES["validation"])
+    fraud_check = Step("fraud_check", usual_time * STEP_SHARES["fraud_check"])
+    bank_seconds = max(processing_time - validation.seconds - fraud_check.seconds, 0.0)
+    return validation, fraud_check, Step("bank_authorization", bank_seconds, error)
 
 # ---------------------------------------------------------------- the JSON payment line, fast
 # PaymentLog writes a `payment` line for every payment: in JSON (the default) it is rendered
